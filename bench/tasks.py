@@ -1,0 +1,158 @@
+"""Benchmark tasks: a model, a loss and a data split, identical for every tool.
+
+Two tasks on scikit-learn's bundled digits (1797 samples, 64 features, 10 classes,
+features standardised), both with batch size 256 so the last of the 8 batches holds
+only 5 samples (1797 = 7 * 256 + 5). The full-data loss is the sample-weighted mean
+cross-entropy over all 1797 samples, which is what every reference value refers to.
+
+* ``mlp``: 64-32-32-10 tanh MLP (3,466 parameters), small enough for a dense Hessian.
+* ``cnn``: Conv-ReLU-Conv-ReLU-MaxPool-Flatten-Linear-ReLU-Linear on 1x8x8 images
+  (151,306 parameters), an ``nn.Sequential`` of layers BackPACK supports.
+
+Both are trained briefly from a fixed seed (full-batch Adam) so the Hessian is not
+taken at initialisation. The trained weights are cached in ``bench/.cache`` so the
+per-cell subprocesses of ``compare.py`` do not retrain.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CACHE = os.path.join(HERE, ".cache")
+SEED = 0
+BATCH_SIZE = 256
+TRAIN_STEPS = {"mlp": 300, "cnn": 150}
+TASKS = ("mlp", "cnn")
+
+
+def load_digits_tensors(dtype=torch.float32):
+    """Standardised digits features ``X`` [1797, 64] and labels ``y`` [1797]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X = d.data.astype(np.float64)
+    X = (X - X.mean(0)) / (X.std(0) + 1e-8)  # 2 constant pixels stay 0
+    return torch.tensor(X, dtype=dtype), torch.tensor(d.target, dtype=torch.long)
+
+
+def build_model(name: str) -> nn.Sequential:
+    torch.manual_seed(SEED)
+    if name == "mlp":
+        return nn.Sequential(
+            nn.Linear(64, 32), nn.Tanh(),
+            nn.Linear(32, 32), nn.Tanh(),
+            nn.Linear(32, 10),
+        )
+    if name == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
+            nn.Linear(128, 10),
+        )
+    raise ValueError(f"unknown task {name!r}; choose from {TASKS}")
+
+
+def inputs_for(name: str, X: torch.Tensor) -> torch.Tensor:
+    return X.reshape(-1, 1, 8, 8) if name == "cnn" else X
+
+
+@dataclass
+class Task:
+    name: str
+    model: nn.Sequential
+    criterion: nn.Module
+    X: torch.Tensor            # model inputs, all samples
+    y: torch.Tensor
+    loader: torch.utils.data.DataLoader
+    batches: list = field(default_factory=list)   # the loader's batches, materialised
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0])
+
+    def params(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def full_loss(self) -> torch.Tensor:
+        """Sample-weighted mean loss over all batches (== mean over all samples)."""
+        total = 0.0
+        for xb, yb in self.batches:
+            total = total + self.criterion(self.model(xb), yb) * (yb.shape[0] / self.n)
+        return total
+
+    def full_gradient(self) -> list[torch.Tensor]:
+        """One full-data gradient: forward+backward over every batch (the cost unit)."""
+        self.model.zero_grad(set_to_none=True)
+        for xb, yb in self.batches:
+            loss = self.criterion(self.model(xb), yb) * (yb.shape[0] / self.n)
+            loss.backward()
+        return [p.grad for p in self.params()]
+
+    def gradient_time(self, repeats: int = 7) -> float:
+        """Median wall time of one full-data gradient (after one warm-up)."""
+        self.full_gradient()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.full_gradient()
+            times.append(time.perf_counter() - t0)
+        self.model.zero_grad(set_to_none=True)
+        return statistics.median(times)
+
+
+def _train(name: str, model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> None:
+    torch.manual_seed(SEED)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2 if name == "mlp" else 3e-3)
+    crit = nn.CrossEntropyLoss()
+    Xin = inputs_for(name, X)
+    for _ in range(TRAIN_STEPS[name]):
+        opt.zero_grad()
+        crit(model(Xin), y).backward()
+        opt.step()
+
+
+def make_task(name: str, dtype=torch.float32, retrain: bool = False) -> Task:
+    """Build the task with its trained weights (trained once, then cached)."""
+    torch.manual_seed(SEED)
+    X, y = load_digits_tensors()
+    model = build_model(name)
+    path = os.path.join(CACHE, f"{name}_seed{SEED}.pt")
+    if os.path.exists(path) and not retrain:
+        model.load_state_dict(torch.load(path))
+    else:
+        _train(name, model, X, y)
+        os.makedirs(CACHE, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
+    model = model.to(dtype)
+    Xin = inputs_for(name, X).to(dtype)
+    ds = torch.utils.data.TensorDataset(Xin, y)
+    loader = torch.utils.data.DataLoader(ds, batch_size=BATCH_SIZE, shuffle=False)
+    batches = list(loader)
+    return Task(name, model, nn.CrossEntropyLoss(), Xin, y, loader, batches)
+
+
+if __name__ == "__main__":
+    for name in TASKS:
+        t = make_task(name)
+        with torch.no_grad():
+            loss = float(t.full_loss())
+            acc = float((t.model(t.X).argmax(1) == t.y).float().mean())
+        print(f"{name}: P={t.num_params} N={t.n} batches={[len(b[1]) for b in t.batches]} "
+              f"loss={loss:.4f} acc={acc:.3f} grad_time={t.gradient_time():.4f}s")

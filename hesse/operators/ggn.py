@@ -1,0 +1,78 @@
+"""The generalised Gauss-Newton matrix ``G = Σ_b w_b J_bᵀ ∇²_f L_b J_b`` (Schraudolph 2002).
+
+``J_b`` is the Jacobian of the model output on batch ``b`` w.r.t. the parameters and
+``∇²_f L_b`` the Hessian of the criterion w.r.t. that output. ``G`` drops the second
+derivatives of the network from the Hessian; it is positive semi-definite whenever the
+criterion is convex in the output (cross-entropy, MSE).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hesse.errors import HesseError
+from hesse.operators.curvature import CurvatureOperator
+from hesse.operators.data import Batch
+
+
+class OutputSpaceCurvature(CurvatureOperator):
+    """``C = Jᵀ M J``: a curvature defined by a matrix ``M`` in the model's output space.
+
+    One batch costs one forward with a VJP, K forward-mode JVPs (``vmap``-ed) for ``J v``
+    and K reverse-mode VJPs for ``Jᵀ w``. Subclasses implement :meth:`_output_products`.
+    """
+
+    def _output_products(
+        self, output: torch.Tensor, target: Any, U: torch.Tensor, batch_index: int
+    ) -> torch.Tensor:  # pragma: no cover - abstract
+        """``M @ u`` for each of the K output-space directions ``U`` (``[K, *output.shape]``)."""
+        raise NotImplementedError
+
+    def _batch_products(self, params, batch: Batch, V, batch_index: int):
+        def model_output(p):
+            output, target = self._call_model(p, batch)
+            if not isinstance(output, torch.Tensor):
+                raise HesseError(
+                    f"the model output is a {type(output).__name__}, not a tensor; pass forward= "
+                    "returning (output_tensor, target)."
+                )
+            return output, target
+
+        output, vjp_fn, target = torch.func.vjp(model_output, params, has_aux=True)
+        output = output.detach()
+
+        def jvp(v):
+            return torch.func.jvp(model_output, (params,), (v,), has_aux=True)[1]
+
+        K = next(iter(V.values())).shape[0]
+        if K == 1:
+            JV = jvp({n: v[0] for n, v in V.items()}).unsqueeze(0)
+        else:
+            JV = torch.func.vmap(jvp)(V)
+        MJV = self._output_products(output, target, JV, batch_index)
+        if K == 1:
+            return {n: t.unsqueeze(0) for n, t in vjp_fn(MJV[0])[0].items()}
+        return torch.func.vmap(vjp_fn)(MJV)[0]
+
+
+class GGN(OutputSpaceCurvature):
+    """Generalised Gauss-Newton matrix of the full-data loss (same weighting as :class:`Hessian`).
+
+    ``M = ∇²_f criterion(f, y)`` is computed with autograd, so any criterion works.
+    For cross-entropy and MSE, ``G`` equals the true Fisher (``hesse.Fisher(kind="true")``).
+    """
+
+    def _output_products(self, output, target, U, batch_index):
+        def criterion_of_output(f):
+            loss = self.criterion(f, target)
+            self._check_loss(loss)
+            return loss
+
+        gradient = torch.func.grad(criterion_of_output)
+
+        def hvp(u):
+            return torch.func.jvp(gradient, (output,), (u,))[1]
+
+        return torch.func.vmap(hvp)(U) if U.shape[0] > 1 else hvp(U[0]).unsqueeze(0)
