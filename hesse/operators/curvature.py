@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from hesse.errors import HesseError
@@ -321,7 +322,9 @@ class CurvatureOperator(LinearOperator):
             if n <= 0:
                 raise HesseError("a batch has no samples; drop empty batches from the data.")
             weight = float(n) if self.reduction == "mean" else 1.0
-            value = per_batch(batch, index) * weight
+            # fused attention kernels have no forward-mode or second derivatives
+            with sdpa_kernel(SDPBackend.MATH):
+                value = per_batch(batch, index) * weight
             total = value if total is None else total + value
             count += n
             if self.check_data:

@@ -93,7 +93,7 @@ def _scale_and_mask(criterion, output: torch.Tensor, target) -> tuple[float | to
             raise HesseError("Fisher with CrossEntropyLoss needs class-index targets, not probabilities.")
         keep = target != criterion.ignore_index
         mask = keep.unsqueeze(1).to(output.dtype)
-        terms = keep.sum()
+        terms = keep.sum().to(output.dtype)
     else:
         terms = output.numel()
     if criterion.reduction == "sum":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -24,25 +25,41 @@ class Hessian(CurvatureOperator):
         ``torch.func.grad``, ``vmap``-ed over the K vectors (Pearlmutter 1994);
       * ``"double-backward"``: ``H v = ∇(∇L · v)`` by reverse-over-reverse autograd, K
         vectors at once with ``is_grads_batched``; every graph is freed after the batch.
-      * ``"auto"`` (default): forward-over-reverse, measured faster in ``bench/bench_operators.py``.
+      * ``"auto"`` (default): forward-over-reverse, measured faster in ``bench/bench_operators.py``;
+        falls back to double-backward (with a warning) for models with operations that
+        have no forward-mode derivative.
     ``vectorize=False`` loops over the K vectors instead of ``vmap`` (for models with
     operations that ``vmap`` cannot batch).
     """
 
     def __init__(self, model, criterion, data, *, method: str = "auto", vectorize: bool = True, **kwargs: Any):
         super().__init__(model, criterion, data, **kwargs)
-        method = "forward-over-reverse" if method == "auto" else method
-        if method not in METHODS:
+        if method != "auto" and method not in METHODS:
             raise HesseError(f"unknown Hessian method {method!r}; choose 'auto' or one of {METHODS}.")
-        self.method = method
+        self._auto = method == "auto"
+        self.method = "forward-over-reverse" if self._auto else method
         self.vectorize = vectorize
 
     def _extra_kwargs(self) -> dict:
-        return {"method": self.method, "vectorize": self.vectorize}
+        return {"method": "auto" if self._auto else self.method, "vectorize": self.vectorize}
 
     def _batch_products(self, params, batch: Batch, V, batch_index: int):
         if self.method == "double-backward":
             return self._double_backward(params, batch, V)
+        try:
+            return self._forward_over_reverse(params, batch, V)
+        except NotImplementedError as error:
+            if not (self._auto and "forward AD" in str(error)):
+                raise
+            warnings.warn(
+                f"the model uses an operation without a forward-mode derivative ({error.args[0][:80]}...); "
+                "switching this Hessian to method='double-backward'.",
+                stacklevel=4,
+            )
+            self.method = "double-backward"
+            return self._double_backward(params, batch, V)
+
+    def _forward_over_reverse(self, params, batch: Batch, V):
         gradient = torch.func.grad(self._batch_loss)
 
         def hvp(v):

@@ -1,0 +1,365 @@
+"""The ``hesse`` command: ``hesse analyze`` computes a curvature report for a model.
+
+Every failure the user can fix (missing file, unknown factory, checkpoint that does not
+fit, existing output folder, bad settings) ends with a one-line ``error: ...`` on stderr
+and exit status 2; Ctrl-C exits with 130. In both cases no report folder is written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pickle
+import shlex
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from torch import nn
+
+import hesse
+from hesse.errors import HesseError
+from hesse.examples import EXAMPLES, Dataset, Problem, classifier_example, load_dataset, minilm_example
+from hesse.examples.datasets import DATASETS
+from hesse.operators.data import default_forward, default_num_samples
+from hesse.report import (
+    ANALYSES,
+    INDEX_HTML,
+    REPORT_JSON,
+    AnalysisSettings,
+    build_report,
+    check_output_folder,
+    render,
+    run_analyses,
+    summary_rows,
+    write_report_folder,
+)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+CURVATURES = ("hessian", "ggn", "fisher")
+LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
+DEFAULTS: dict[str, Any] = {
+    "batch_size": 128, "max_samples": None, "analyses": ",".join(ANALYSES), "top_k": 5, "budget": 60,
+    "lanczos_steps": 40, "probes": 3, "layer_probes": 16, "tol": 1e-3, "lr": None,
+}
+
+
+class CliError(HesseError):
+    """A problem with the command line or the user's files, reported in one line."""
+
+
+def _fail(message: str, status: int = EXIT_USAGE) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(status)
+
+
+def _stage(message: str, quiet: bool) -> None:
+    if not quiet:
+        click.echo(f"hesse: {message}", err=True)
+
+
+# ---- loading the user's files --------------------------------------------------------------
+def load_factory(spec: str, what: str) -> Callable:
+    """The callable named by ``path/to/file.py:name`` (the file is imported by path)."""
+    path_text, _, name = spec.rpartition(":")
+    if not path_text or not name:
+        raise CliError(f"--{what} must look like path/to/file.py:function_name, got {spec!r}.")
+    path = Path(path_text)
+    if not path.is_file():
+        raise CliError(f"--{what}: file {path} does not exist.")
+    module_name = f"hesse_user_{path.stem}_{uuid.uuid4().hex[:8]}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise CliError(f"--{what}: cannot import {path} (is it a .py file?).")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as error:
+        raise CliError(f"--{what}: importing {path} failed: {type(error).__name__}: {error}") from error
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        available = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        raise CliError(f"--{what}: {path} has no function {name!r}; it defines {available}.")
+    return factory
+
+
+def call_factory(factory: Callable, what: str) -> Any:
+    try:
+        return factory()
+    except Exception as error:
+        raise CliError(f"--{what}: {factory.__name__}() raised {type(error).__name__}: {error}") from error
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a state_dict (or a dict holding one under "state_dict"/"model") with weights_only=True."""
+    if not path.is_file():
+        raise CliError(f"--checkpoint: file {path} does not exist.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CliError(
+            f"--checkpoint: {path} holds Python objects besides tensors, which hesse refuses to unpickle; "
+            "save model.state_dict() instead."
+        ) from error
+    except Exception as error:
+        raise CliError(f"--checkpoint: cannot read {path} as a torch checkpoint ({type(error).__name__}).") from error
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CliError(f"--checkpoint: {path} is not a state_dict (a dict of tensors).")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        details = "; ".join(f"{label}: {items[:3]}" for label, items in
+                            (("missing", missing), ("unexpected", unexpected), ("shape", mismatched)) if items)
+        raise CliError(f"--checkpoint: {path} does not fit the model ({details}).")
+    model.load_state_dict(state)
+
+
+def load_hf_model(folder: Path) -> nn.Module:
+    """A Hugging Face sequence classifier from a local folder (no network)."""
+    if not folder.is_dir():
+        raise CliError(f"--hf-model: folder {folder} does not exist.")
+    try:
+        from transformers import AutoModelForSequenceClassification
+    except ImportError as error:
+        raise CliError("--hf-model needs transformers; install it with: pip install 'hesse[minilm]'") from error
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise CliError(f"--hf-model: cannot load a model from {folder}: {str(error).splitlines()[0]}") from error
+
+
+# ---- assembling the problem ----------------------------------------------------------------
+def build_problem(example: str | None, model_spec: str | None, checkpoint: Path | None,
+                  hf_model: Path | None, data_spec: str | None, seed: int, quiet: bool) -> Problem:
+    """The model, criterion-free data and description from the model/data options."""
+    sources = [s for s in (example, model_spec, hf_model) if s is not None]
+    if len(sources) > 1:
+        raise CliError("give only one of --example, --model and --hf-model.")
+    if checkpoint is not None and model_spec is None:
+        raise CliError("--checkpoint needs --model (the factory that builds the network it fits).")
+    if example is None and model_spec is None and hf_model is None:
+        example = "digits"
+    if example is not None:
+        if data_spec is not None:
+            raise CliError(f"--example {example} brings its own data; drop --data (or use --model with --data).")
+        if example == "minilm":
+            _stage("loading all-MiniLM-L6-v2 (offline)", quiet)
+            return minilm_example()
+        _stage(f"training the {example} example CNN (seed {seed})", quiet)
+        return classifier_example(example, seed=seed)
+    if data_spec is None:
+        raise CliError("--model and --hf-model need --data (digits, mnist1d or path/to/file.py:make_loader).")
+    if model_spec is not None:
+        model = call_factory(load_factory(model_spec, "model"), "model")
+        if not isinstance(model, nn.Module):
+            raise CliError(f"--model: {model_spec} returned a {type(model).__name__}, not a torch.nn.Module.")
+        if checkpoint is not None:
+            load_checkpoint(model, checkpoint)
+        description = model_spec + (f" with weights from {checkpoint}" if checkpoint else "")
+    else:
+        model = load_hf_model(hf_model)
+        description = f"Hugging Face model from {hf_model}"
+    if data_spec in DATASETS:
+        data: Any = load_dataset(data_spec)
+        data_description = data.description
+    elif ":" in data_spec:
+        data = call_factory(load_factory(data_spec, "data"), "data")
+        data_description = f"data from {data_spec}"
+    else:
+        raise CliError(f"--data: unknown dataset {data_spec!r}; choose {', '.join(DATASETS)} "
+                       "or pass path/to/file.py:make_loader.")
+    return Problem(model=model.eval(), criterion=None, data=data,
+                   info={"model": description, "data": data_description})
+
+
+def _take(batch: Any, n: int) -> Any:
+    """The first ``n`` samples of a (nested) batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n] if batch.ndim > 0 else batch
+    if isinstance(batch, dict):
+        return {k: _take(v, n) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_take(v, n) for v in batch)
+    return batch
+
+
+def first_samples(data: Iterable, max_samples: int) -> list:
+    """The batches holding the first ``max_samples`` samples (the last one cut to fit)."""
+    out, count = [], 0
+    for batch in data:
+        n = default_num_samples(batch)
+        out.append(batch if count + n <= max_samples else _take(batch, max_samples - count))
+        count += min(n, max_samples - count)
+        if count >= max_samples:
+            break
+    return out
+
+
+def one_hot_targets(forward: Callable) -> Callable:
+    """Wrap a forward hook so class-index targets become one-hot (for ``--loss mse``)."""
+    def wrapped(model: nn.Module, batch: Any):
+        output, target = forward(model, batch)
+        if isinstance(target, torch.Tensor) and not target.dtype.is_floating_point and output.ndim == target.ndim + 1:
+            target = nn.functional.one_hot(target, output.shape[1]).movedim(-1, 1).to(output.dtype)
+        return output, target
+
+    return wrapped
+
+
+def make_operator(problem: Problem, data: Any, curvature: str, fisher_kind: str, seed: int):
+    """The curvature operator the options ask for (products never show progress bars)."""
+    common = dict(params=problem.params, forward=problem.forward)
+    if curvature == "hessian":
+        return hesse.Hessian(problem.model, problem.criterion, data, method=problem.hessian_method, **common)
+    if curvature == "ggn":
+        return hesse.GGN(problem.model, problem.criterion, data, **common)
+    return hesse.Fisher(problem.model, problem.criterion, data, kind=fisher_kind, seed=seed, **common)
+
+
+def resolve(explicit: dict[str, Any], problem: Problem) -> dict[str, Any]:
+    """Option values: given on the command line, else the example's, else the general defaults."""
+    return {key: explicit[key] if explicit.get(key) is not None else problem.defaults.get(key, default)
+            for key, default in DEFAULTS.items()}
+
+
+def parse_analyses(text: str, lr: float | None, explicit: bool) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(a.strip() for a in text.split(",") if a.strip()))
+    unknown = [a for a in names if a not in ANALYSES]
+    if unknown or not names:
+        raise CliError(f"--analyses: unknown {unknown or 'empty list'}; choose from {','.join(ANALYSES)}.")
+    if "stability" in names and lr is None:
+        if explicit:
+            raise CliError("the stability analysis needs the training learning rate: pass --lr 0.1 (say).")
+        names = tuple(a for a in names if a != "stability")
+    return names
+
+
+# ---- the command ------------------------------------------------------------------------------
+@click.group()
+@click.version_option(hesse.__version__, prog_name="hesse")
+def main() -> None:
+    """hesse: curvature (Hessian, GGN, Fisher) analysis of neural-network losses."""
+
+
+@main.command()
+@click.option("--example", type=click.Choice(EXAMPLES), help="Built-in example (default: digits if no model is given).")
+@click.option("--model", "model_spec", metavar="FILE.py:FACTORY", help="Python file and function returning the nn.Module.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="state_dict file for --model (loaded with weights_only=True).")
+@click.option("--hf-model", type=click.Path(path_type=Path), help="Local Hugging Face model folder (sequence classifier).")
+@click.option("--data", "data_spec", metavar="NAME|FILE.py:FACTORY", help="digits, mnist1d, or a file and function returning a DataLoader.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for built-in data [128; examples: 256].")
+@click.option("--max-samples", type=click.IntRange(min=1), help="Analyse only the first N samples [all; digits/mnist1d examples: 512; minilm: 8 pairs].")
+@click.option("--loss", type=click.Choice(tuple(LOSSES)), default="cross_entropy", show_default=True, help="Training loss (mean-reduced).")
+@click.option("--curvature", type=click.Choice(CURVATURES), default="hessian", show_default=True, help="Which curvature matrix.")
+@click.option("--fisher-kind", type=click.Choice(("mc", "true", "empirical")), default="mc", show_default=True, help="Fisher variant for --curvature fisher.")
+@click.option("--analyses", help=f"Comma list from {','.join(ANALYSES)} [all; stability needs --lr].")
+@click.option("--top-k", type=click.IntRange(min=1), help="Number of top eigenvalues [5].")
+@click.option("--budget", type=click.IntRange(min=3), help="Matrix-vector products for the trace estimate (Hutch++) [60].")
+@click.option("--lanczos-steps", type=click.IntRange(min=1), help="Lanczos steps for the density and per-layer eigenvalues [40].")
+@click.option("--probes", type=click.IntRange(min=1), help="Random probes for the spectral density [3].")
+@click.option("--layer-probes", type=click.IntRange(min=2), help="Random probes for the per-layer traces [16].")
+@click.option("--tol", type=click.FloatRange(min=0, min_open=True), help="Relative tolerance of the eigenvalues [1e-3].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Training learning rate, for stability [examples: their training lr].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice (training, probes).")
+@click.option("--device", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [torch's default].")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("hesse-report"), show_default=True, help="Report folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing hesse report in --out.")
+@click.option("--no-progress", is_flag=True, help="No progress bars or stage messages.")
+@click.option("--json-only", is_flag=True, help="Write report.json only (no index.html, no plots).")
+def analyze(example, model_spec, checkpoint, hf_model, data_spec, loss, curvature, fisher_kind, seed, device,
+            threads, out, overwrite, no_progress, json_only, **budgets) -> None:
+    """Compute the curvature of a model's loss and write report.json and index.html.
+
+    \b
+    Examples:
+      hesse analyze --example digits --out hesse-report --overwrite
+      hesse analyze --model examples/models.py:make_net --data digits --lr 0.05
+      hesse analyze --example minilm --out minilm-report
+    """
+    try:
+        _analyze(example, model_spec, checkpoint, hf_model, data_spec, loss, curvature, fisher_kind, seed,
+                 device, threads, out, overwrite, no_progress, json_only, budgets)
+    except HesseError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        _fail("interrupted; no report was written.", EXIT_INTERRUPTED)
+
+
+def _analyze(example, model_spec, checkpoint, hf_model, data_spec, loss, curvature, fisher_kind, seed,
+             device, threads, out: Path, overwrite, no_progress, json_only, budgets: dict) -> None:
+    started = time.perf_counter()
+    check_output_folder(out.resolve(), overwrite)  # fail before any expensive work
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA GPU is available to torch; use --device cpu.")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    problem = build_problem(example, model_spec, checkpoint, hf_model, data_spec, seed, no_progress)
+    options = resolve(budgets, problem)
+    analyses = parse_analyses(options["analyses"], options["lr"], explicit=budgets.get("analyses") is not None)
+    if problem.criterion is None or loss != "cross_entropy":
+        problem.criterion = LOSSES[loss]()
+    if loss == "mse":
+        problem.forward = one_hot_targets(problem.forward or default_forward)
+    problem.model.to(device)
+    data = problem.data
+    if isinstance(data, Dataset):
+        data = data.loader(options["batch_size"], options["max_samples"])
+    elif options["max_samples"] is not None:
+        data = first_samples(data, options["max_samples"])
+    op = make_operator(problem, data, curvature, fisher_kind, seed)
+    settings = AnalysisSettings(
+        analyses=analyses, top_k=options["top_k"], tol=options["tol"], budget=options["budget"],
+        lanczos_steps=options["lanczos_steps"], probes=options["probes"], layer_probes=options["layer_probes"],
+        lr=options["lr"], seed=seed, layer_blocks=problem.layer_blocks,
+    )
+    _stage(f"{op!r}: loss and gradient", no_progress)
+    try:
+        loss_value = op.loss()
+        gradient_norm = float(op.gradient().norm())
+    except HesseError:
+        raise
+    except Exception as error:
+        raise CliError(f"running the model on the data failed: {type(error).__name__}: {error}") from error
+    setup_seconds = {"setup": time.perf_counter() - started}
+    run = run_analyses(op, settings, progress=not no_progress,
+                       on_start=lambda name: _stage(f"{name}", no_progress))
+    report = build_report(
+        command=shlex.join(["hesse", *sys.argv[1:]]),
+        settings={**options, "analyses": list(analyses), "example": example, "model": model_spec,
+                  "checkpoint": str(checkpoint) if checkpoint else None, "hf_model": str(hf_model) if hf_model else None,
+                  "data": data_spec, "loss": loss, "curvature": curvature, "fisher_kind": fisher_kind, "seed": seed,
+                  "device": device, "threads": torch.get_num_threads(), "json_only": json_only},
+        model_info={"description": problem.info["model"], "num_parameters": op.shape[0],
+                    "parameter_tensors": len(op.param_names),
+                    "blocks": {name: s.stop - s.start for name, s in op.module_blocks().items()}},
+        data_info={"description": problem.info["data"], "num_samples": op.num_samples},
+        curvature={"kind": curvature, "fisher_kind": fisher_kind if curvature == "fisher" else None, "loss": loss,
+                   "operator": repr(op)},
+        loss=loss_value, gradient_norm=gradient_norm, run=run, setup_seconds=setup_seconds,
+        training=problem.info.get("training"),
+    )
+    rows = summary_rows(report)
+    files = {REPORT_JSON: json.dumps(report, indent=1, allow_nan=False)}
+    if not json_only:
+        _stage("drawing the report", no_progress)
+        files[INDEX_HTML] = render(report, rows)
+    write_report_folder(out, files, overwrite)
+    width = max(len(label) for label, _ in rows)
+    click.echo("\n".join(f"{label:<{width}}  {value}" for label, value in rows))
+    click.echo(f"report written to {out / (REPORT_JSON if json_only else INDEX_HTML)}")

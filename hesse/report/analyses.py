@@ -1,0 +1,104 @@
+"""Run the requested spectral analyses on one curvature operator, timing each one."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hesse.analysis import bulk_outlier_split, density, per_layer, stability
+from hesse.errors import HesseError
+from hesse.linalg import eigenvalues, trace
+
+ANALYSES = ("eigenvalues", "trace", "density", "per-layer", "stability")
+
+
+@dataclass
+class AnalysisSettings:
+    """Budgets and options of every analysis (the CLI's ``--top-k``, ``--budget``, ...)."""
+
+    analyses: tuple[str, ...] = ANALYSES
+    top_k: int = 5
+    tol: float = 1e-3
+    budget: int = 60
+    lanczos_steps: int = 40
+    probes: int = 3
+    layer_probes: int = 16
+    lr: float | None = None
+    seed: int = 0
+    layer_blocks: Any = "module"
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.analyses if a not in ANALYSES]
+        if unknown:
+            raise HesseError(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}.")
+        if "stability" in self.analyses and self.lr is None:
+            raise HesseError("the stability analysis needs the training learning rate; pass --lr 0.1 (say).")
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "analyses": list(self.analyses)}
+
+
+@dataclass
+class AnalysisRun:
+    """Results (objects with ``to_dict``), seconds and products per analysis, and warnings."""
+
+    results: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    matvecs: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _analysis_calls(op, s: AnalysisSettings, progress: bool) -> dict[str, Callable[[], Any]]:
+    return {
+        "eigenvalues": lambda: eigenvalues(op, k=s.top_k, which="largest", tol=s.tol, seed=s.seed, progress=progress),
+        "trace": lambda: trace(op, "hutch++", budget=s.budget, seed=s.seed, progress=progress),
+        "density": lambda: density(
+            op, num_probes=s.probes, lanczos_steps=s.lanczos_steps, seed=s.seed, progress=progress
+        ),
+        "per-layer": lambda: per_layer(
+            op, by=s.layer_blocks, tol=s.tol, max_steps=s.lanczos_steps, trace_probes=s.layer_probes,
+            seed=s.seed, progress=progress,
+        ),
+        "stability": lambda: stability(op, s.lr, tol=s.tol, trace_budget=s.budget, seed=s.seed, progress=progress),
+    }
+
+
+def run_analyses(
+    op, settings: AnalysisSettings, *, progress: bool = True, on_start: Callable[[str], None] | None = None
+) -> AnalysisRun:
+    """Run ``settings.analyses`` in the canonical order on ``op``.
+
+    An analysis stopped by Ctrl-C (the estimators then return partial results marked
+    ``interrupted``) re-raises ``KeyboardInterrupt``, so no partial report is ever written.
+    """
+    run = AnalysisRun()
+    calls = _analysis_calls(op, settings, progress)
+    for name in ANALYSES:
+        if name not in settings.analyses:
+            continue
+        if on_start is not None:
+            on_start(name)
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = calls[name]()
+        if getattr(result, "interrupted", False):
+            raise KeyboardInterrupt
+        run.results[name] = result
+        run.seconds[name] = time.perf_counter() - start
+        run.matvecs[name] = int(result.matvecs)
+        run.warnings.extend(f"{name}: {w.message}" for w in caught)
+    return run
+
+
+def outlier_summary(run: AnalysisRun) -> dict | None:
+    """Outliers above the bulk: from the density's Ritz values, else from the top-k eigenvalues."""
+    if "density" in run.results:
+        return bulk_outlier_split(run.results["density"]).to_dict()
+    eig = run.results.get("eigenvalues")
+    if eig is not None and len(eig.values) >= 3:
+        return bulk_outlier_split(eig).to_dict()
+    return None

@@ -1,0 +1,109 @@
+"""The report dictionary written to ``report.json``: every number, the settings and versions."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import platform
+from typing import Any
+
+import numpy as np
+import torch
+
+import hesse
+from hesse.report.analyses import AnalysisRun, outlier_summary
+from hesse.report.interpret import interpret
+from hesse.results import to_jsonable
+
+SCHEMA = "hesse-report/1"
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN/Infinity: replace them by ``null`` (recursively)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def versions() -> dict[str, str]:
+    return {
+        "hesse": hesse.__version__, "torch": torch.__version__, "numpy": np.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+    }
+
+
+def build_report(
+    *,
+    command: str,
+    settings: dict,
+    model_info: dict,
+    data_info: dict,
+    curvature: dict,
+    loss: float,
+    gradient_norm: float,
+    run: AnalysisRun,
+    setup_seconds: dict[str, float],
+    training: dict | None = None,
+) -> dict:
+    """Assemble the JSON-ready report, including the plain-language interpretation."""
+    results = {name.replace("-", "_"): to_jsonable(result) for name, result in run.results.items()}
+    timings = {**setup_seconds, **run.seconds}
+    report = {
+        "schema": SCHEMA,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "versions": versions(),
+        "settings": settings,
+        "model": model_info,
+        "data": data_info,
+        "training": training,
+        "curvature": curvature,
+        "loss": loss,
+        "gradient_norm": gradient_norm,
+        "results": results,
+        "outliers": outlier_summary(run),
+        "timings_s": {**timings, "total": sum(timings.values())},
+        "matvecs": {**run.matvecs, "total": sum(run.matvecs.values())},
+        "warnings": list(run.warnings),
+    }
+    report = _finite_or_none(to_jsonable(report))
+    report["interpretation"] = interpret(report)
+    return report
+
+
+def summary_rows(report: dict) -> list[tuple[str, str]]:
+    """Key numbers as (label, value) rows, for the terminal and the HTML summary."""
+    def g(x) -> str:
+        return "n/a" if x is None else f"{x:.5g}"
+
+    results = report["results"]
+    rows = [
+        ("model", report["model"]["description"]),
+        ("parameters", f"{report['model']['num_parameters']:,}"),
+        ("samples", f"{report['data']['num_samples']:,}"),
+        ("curvature", report["curvature"]["kind"]),
+        ("loss", g(report["loss"])),
+    ]
+    if "eigenvalues" in results:
+        values = results["eigenvalues"]["values"]
+        rows.append(("top eigenvalues", ", ".join(g(v) for v in values)))
+    if "trace" in results:
+        rows.append(("trace", f"{g(results['trace']['estimate'])} ± {g(results['trace']['stderr'])}"))
+    if report.get("outliers"):
+        rows.append(("outliers above the bulk", str(report["outliers"]["num_outliers"])))
+    if "per_layer" in results:
+        layers = results["per_layer"]
+        heaviest = max(layers["names"], key=lambda n: layers["trace"][n] or -math.inf)
+        rows.append(("largest per-layer trace", f"{heaviest} ({g(layers['trace'][heaviest])})"))
+    if "stability" in results:
+        st = results["stability"]
+        rows.append((f"GD stability (lr={st['lr']:g})",
+                     f"λ₁/threshold = {g(st['gd_ratio'])}: {st['gd_verdict'].split(':')[0]}"))
+        rows.append((f"SGD stability (lr={st['lr']:g})",
+                     f"trace/(2/lr) = {g(st['sgd_ratio'])}: {st['sgd_verdict'].split(':')[0]}"))
+    rows.append(("products / seconds", f"{report['matvecs']['total']} / {report['timings_s']['total']:.1f}"))
+    return rows

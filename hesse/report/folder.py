@@ -1,0 +1,74 @@
+"""Write the report folder atomically: all or nothing, and never over someone else's folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from hesse.errors import HesseError
+from hesse.report.document import SCHEMA
+
+REPORT_JSON = "report.json"
+INDEX_HTML = "index.html"
+
+
+def is_hesse_report(folder: Path) -> bool:
+    """True if ``folder`` holds a ``report.json`` written by hesse (our marker)."""
+    try:
+        return json.loads((folder / REPORT_JSON).read_text(encoding="utf-8")).get("schema") == SCHEMA
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output_folder(folder: Path, overwrite: bool) -> None:
+    """Refuse a target that exists, unless it is an empty folder or (with ``overwrite``) our report."""
+    if not folder.exists():
+        if not folder.parent.is_dir():
+            raise HesseError(f"cannot write the report to {folder}: the folder {folder.parent} does not exist.")
+        return
+    if folder.is_dir() and not any(folder.iterdir()):
+        return
+    if not folder.is_dir() or not is_hesse_report(folder):
+        raise HesseError(
+            f"{folder} exists and is not a hesse report; choose another --out folder "
+            "(hesse only replaces folders holding its own report.json)."
+        )
+    if not overwrite:
+        raise HesseError(f"{folder} already holds a hesse report; pass --overwrite to replace it.")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_report_folder(folder: Path, files: dict[str, str], overwrite: bool) -> None:
+    """Write ``files`` (name -> text) into a temporary sibling folder, then swap it into place.
+
+    Any error or Ctrl-C before the swap removes the temporary folder and leaves the
+    target untouched; a replaced report is removed only after the new one is in place.
+    """
+    folder = folder.resolve()
+    check_output_folder(folder, overwrite)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    retired: Path | None = None
+    try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; give it normal permissions
+        for name, text in files.items():
+            (staging / name).write_text(text, encoding="utf-8")
+        if folder.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, retired / folder.name)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if retired is not None and (retired / folder.name).exists() and not folder.exists():
+            os.replace(retired / folder.name, folder)
+        raise
+    finally:
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)

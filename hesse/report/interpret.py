@@ -1,0 +1,133 @@
+"""Plain-language readings of the report's numbers, one short paragraph per section."""
+
+from __future__ import annotations
+
+import math
+
+CURVATURE_NAMES = {
+    "hessian": "Hessian (exact second derivative of the loss; may have negative eigenvalues)",
+    "ggn": "Gauss-Newton matrix (GGN: positive semi-definite, the Hessian without the model's own curvature)",
+    "fisher": "Fisher information (positive semi-definite; equals the GGN for these losses in expectation)",
+}
+
+
+def _g(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4g}"
+
+
+def overview(report: dict) -> str:
+    model, data, curvature = report["model"], report["data"], report["curvature"]
+    return (
+        f"Curvature of the training loss of {model['description']} with {model['num_parameters']:,} "
+        f"analysed parameters, on {data['num_samples']:,} samples of {data['description']}. "
+        f"The matrix is the {CURVATURE_NAMES[curvature['kind']]}. The loss at the analysed "
+        f"parameters is {_g(report['loss'])} and the gradient norm {_g(report['gradient_norm'])}. "
+        "All estimates use only matrix-vector products: the matrix itself is never formed."
+    )
+
+
+def eigenvalues(report: dict) -> str:
+    eig = report["results"]["eigenvalues"]
+    values = [v for v in eig["values"] if v is not None]
+    top = values[0]
+    text = (
+        f"The largest eigenvalue (the sharpness) is λ₁ = {_g(top)}: moving the parameters a distance t "
+        f"along its eigenvector raises the loss by about λ₁·t²/2, the steepest rise of any direction. "
+        f"Gradient descent with learning rate lr is stable along it only if λ₁ < 2/lr, so any lr above "
+        f"{_g(2 / top) if top > 0 else 'n/a'} would make training diverge or oscillate here. "
+    )
+    if len(values) > 1 and values[-1] > 0:
+        text += (f"The top {len(values)} eigenvalues fall from {_g(top)} to {_g(values[-1])} "
+                 f"(ratio {top / values[-1]:.3g}); a steep fall means a few directions dominate. ")
+    unconverged = sum(1 for ok in eig["converged"] if not ok)
+    if unconverged:
+        text += f"{unconverged} of them did not reach the tolerance (hollow markers): treat them as rough."
+    return text
+
+
+def trace(report: dict) -> str:
+    tr = report["results"]["trace"]
+    P = report["model"]["num_parameters"]
+    text = (
+        f"The trace (sum of all {P:,} eigenvalues) is {_g(tr['estimate'])} ± {_g(tr['stderr'])} "
+        f"(Hutch++, {tr['matvecs']} products), i.e. an average curvature of {_g(tr['estimate'] / P)} per "
+        "parameter. The trace measures overall sharpness (flatness in every direction at once); "
+    )
+    eig = report["results"].get("eigenvalues")
+    if eig and tr["estimate"] > 0:
+        share = sum(v for v in eig["values"] if v is not None) / tr["estimate"]
+        text += (f"the top {len(eig['values'])} eigenvalues make up {100 * share:.0f}% of it"
+                 + (", so curvature is concentrated in a few directions." if share > 0.5 else
+                    ", so curvature is spread over many directions."))
+    else:
+        text += "a small trace means a flat region."
+    return text
+
+
+def density(report: dict) -> str:
+    outliers = report.get("outliers") or {}
+    dens = report["results"]["density"]
+    text = (
+        "The spectral density (stochastic Lanczos quadrature) shows how the eigenvalues are "
+        "distributed: typically a large bulk near zero and a few outliers far to the right "
+        "(Sagun et al. 2017; Ghorbani et al. 2019). The log-scale view makes the small outlier "
+        "mass visible. "
+    )
+    if outliers:
+        count = outliers["num_outliers"]
+        text += (f"{count} outlier{'s' if count != 1 else ''} stand{'s' if count == 1 else ''} out of "
+                 f"the bulk, whose edge is near {_g(outliers['bulk_edge'])}"
+                 + (f" (outliers: {', '.join(_g(v) for v in outliers['outliers'])})" if count else "")
+                 + ". For classifiers one outlier per class is common. ")
+    if report["curvature"]["kind"] == "hessian" and dens["grid"] and dens["grid"][0] is not None \
+            and dens["grid"][0] < 0:
+        text += ("Mass at negative eigenvalues means directions of negative curvature: the "
+                 "parameters are not at an exact minimum.")
+    return text
+
+
+def per_layer(report: dict) -> str:
+    layers = report["results"]["per_layer"]
+    names = layers["names"]
+    traces = {n: layers["trace"][n] for n in names if layers["trace"][n] is not None}
+    tops = {n: layers["top_eigenvalue"][n] for n in names if layers["top_eigenvalue"][n] is not None}
+    text = ("Each block is the diagonal block of the matrix for one layer's parameters (cross-layer "
+            "terms are ignored), as in Q-BERT's per-layer analysis. ")
+    if traces:
+        sharpest = max(tops, key=tops.get) if tops else None
+        heaviest = max(traces, key=traces.get)
+        total = sum(traces.values())
+        text += f"The block {heaviest!r} carries the largest trace ({_g(traces[heaviest])}"
+        text += f", {100 * traces[heaviest] / total:.0f}% of the block traces)" if total > 0 else ")"
+        if sharpest:
+            text += f" and {sharpest!r} the largest top eigenvalue ({_g(tops[sharpest])})"
+        text += (". Sharp layers are the most sensitive to perturbation (e.g. quantisation needs "
+                 "more bits there); flat layers tolerate larger changes.")
+    return text
+
+
+def stability(report: dict) -> str:
+    st = report["results"]["stability"]
+    return (
+        f"At learning rate {_g(st['lr'])}: gradient descent is stable along the top eigenvector only if "
+        f"λ₁ < (2+2·momentum)/lr = {_g(st['gd_threshold'])}; here λ₁ = {_g(st['top_eigenvalue'])} "
+        f"(ratio {_g(st['gd_ratio'])}) → {st['gd_verdict']}. Training at the edge of stability means "
+        f"the ratio sits near 1 (Cohen et al. 2021). For SGD, a minimum can only be stable if "
+        f"trace < 2/lr = {_g(st['sgd_threshold'])}; here trace = {_g(st['trace'])} ± {_g(st['trace_stderr'])} "
+        f"(ratio {_g(st['sgd_ratio'])}) → {st['sgd_verdict']}."
+    )
+
+
+SECTIONS = {
+    "eigenvalues": eigenvalues, "trace": trace, "density": density,
+    "per_layer": per_layer, "stability": stability,
+}
+
+
+def interpret(report: dict) -> dict[str, str]:
+    """One paragraph per section present in ``report["results"]``, plus an overview."""
+    texts = {"overview": overview(report)}
+    for name, explain in SECTIONS.items():
+        if name in report["results"]:
+            texts[name] = explain(report)
+    return texts

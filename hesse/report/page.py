@@ -1,0 +1,114 @@
+"""The self-contained ``index.html``: figures embedded as base64 PNG next to their explanation."""
+
+from __future__ import annotations
+
+import html
+import json
+
+from hesse.report import plots
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
+       color: #222; line-height: 1.45; }
+h1 { margin-bottom: 0.2rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; margin-top: 2rem; }
+.figures { display: flex; flex-wrap: wrap; gap: 0.5rem; } .figures img { max-width: 100%; }
+table { border-collapse: collapse; font-size: 0.9rem; } td, th { padding: 0.2rem 0.7rem; text-align: left;
+       border-bottom: 1px solid #eee; } .muted { color: #777; font-size: 0.85rem; }
+.warning { color: #8a4b00; } pre { background: #f6f6f6; padding: 0.6rem; overflow-x: auto; }
+"""
+
+TITLES = {
+    "eigenvalues": "Top eigenvalues (sharpness)",
+    "trace": "Trace",
+    "density": "Spectral density",
+    "per_layer": "Per-layer curvature",
+    "stability": "Stability at the learning rate",
+}
+
+
+def _img(png: str, alt: str) -> str:
+    return f'<img src="data:image/png;base64,{png}" alt="{html.escape(alt)}">'
+
+
+def figures(report: dict) -> dict[str, list[str]]:
+    """The ``<img>`` tags of each section, drawn from the report's numbers."""
+    results = report["results"]
+    out: dict[str, list[str]] = {}
+    if "eigenvalues" in results:
+        eig = results["eigenvalues"]
+        out["eigenvalues"] = [_img(plots.top_eigenvalues_plot(eig["values"], eig["converged"]), "top eigenvalues")]
+    if "density" in results:
+        outliers = (report.get("outliers") or {}).get("outliers", [])
+        out["density"] = [
+            _img(plots.density_plot(results["density"], outliers, log=False), "spectral density"),
+            _img(plots.density_plot(results["density"], outliers, log=True), "spectral density, log scale"),
+        ]
+    if "per_layer" in results:
+        layers = results["per_layer"]
+        names = layers["names"]
+        out["per_layer"] = [
+            _img(plots.per_layer_plot(names, [layers["trace"][n] for n in names],
+                                      [layers["trace_stderr"][n] for n in names], "trace"), "per-layer trace"),
+            _img(plots.per_layer_plot(names, [layers["top_eigenvalue"][n] for n in names], None,
+                                      "top eigenvalue"), "per-layer top eigenvalue"),
+        ]
+    if "stability" in results:
+        out["stability"] = [_img(plots.stability_plot(results["stability"]), "stability comparison")]
+    return out
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table>{cells}</table>"
+
+
+def _per_layer_table(layers: dict) -> str:
+    head = "<tr><th>block</th><th>size</th><th>top eigenvalue</th><th>trace</th><th>± s.e.</th></tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{layers['sizes'][n]:,}</td>"
+        f"<td>{_num(layers['top_eigenvalue'][n])}</td><td>{_num(layers['trace'][n])}</td>"
+        f"<td>{_num(layers['trace_stderr'][n])}</td></tr>"
+        for n in layers["names"]
+    )
+    return f"<table>{head}{body}</table>"
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.5g}"
+
+
+def render(report: dict, summary_rows: list[tuple[str, str]]) -> str:
+    """The complete HTML page for ``report`` (see :func:`hesse.report.document.build_report`)."""
+    texts = report["interpretation"]
+    images = figures(report)
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>hesse report: {html.escape(report['model']['description'])}</title>",
+        f"<style>{STYLE}</style></head><body>",
+        "<h1>Curvature report</h1>",
+        f"<p class='muted'>hesse {html.escape(report['versions']['hesse'])}, "
+        f"{html.escape(report['created_utc'])}, seed {report['settings']['seed']}</p>",
+        f"<p>{html.escape(texts['overview'])}</p>",
+        "<h2>Summary</h2>", _table(summary_rows),
+    ]
+    for name, title in TITLES.items():
+        if name not in report["results"]:
+            continue
+        parts.append(f"<h2>{title}</h2>")
+        parts.append(f"<div class='figures'>{''.join(images.get(name, []))}</div>")
+        parts.append(f"<p>{html.escape(texts[name])}</p>")
+        if name == "per_layer":
+            parts.append(_per_layer_table(report["results"]["per_layer"]))
+    if report["warnings"]:
+        items = "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"])
+        parts.append(f"<h2>Warnings</h2><ul class='warning'>{items}</ul>")
+    cost = [(name, f"{report['timings_s'][name]:.2f} s, {report['matvecs'].get(name, 0)} products")
+            for name in report["timings_s"]]
+    parts += [
+        "<h2>Cost</h2>", _table(cost),
+        "<h2>Settings</h2>",
+        f"<pre>{html.escape(report['command'])}\n\n{html.escape(json.dumps(report['settings'], indent=2))}</pre>",
+        "<p class='muted'>Every number on this page is in report.json next to this file.</p>",
+        "</body></html>",
+    ]
+    return "\n".join(parts)

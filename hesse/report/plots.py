@@ -1,0 +1,106 @@
+"""The report's figures, drawn from the report dictionary and returned as base64 PNG."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+FIGSIZE = (6.4, 3.6)
+
+
+def _png(draw: Callable[[plt.Axes], None], figsize: tuple[float, float] = FIGSIZE) -> str:
+    """Draw on a fresh figure and return it as a base64 PNG string."""
+    fig, ax = plt.subplots(figsize=figsize, dpi=110)
+    try:
+        draw(ax)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+    finally:
+        plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _floats(values) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def density_plot(density: dict, outliers: list[float], log: bool) -> str:
+    """The SLQ spectral density (log y-axis if ``log``), outliers marked by dashed lines."""
+    grid, values = _floats(density["grid"]), _floats(density["density"])
+
+    def draw(ax: plt.Axes) -> None:
+        ax.plot(grid, values, lw=1.3, color="C0")
+        ax.fill_between(grid, values, alpha=0.15, color="C0")
+        if log:
+            positive = values[values > 0]
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=max(positive.min(), positive.max() * 1e-10))
+        for value in outliers:
+            ax.axvline(value, color="C3", lw=0.8, ls="--")
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density (log scale)" if log else "density")
+        ax.set_title("spectral density" + (" (log scale)" if log else ""))
+
+    return _png(draw)
+
+
+def top_eigenvalues_plot(values: list[float], converged: list[bool]) -> str:
+    """The top-k eigenvalues as a stem plot; hollow markers for unconverged ones."""
+    def draw(ax: plt.Axes) -> None:
+        x = np.arange(1, len(values) + 1)
+        ax.vlines(x, 0, values, color="C0", lw=1.5)
+        for xi, value, ok in zip(x, values, converged):
+            ax.plot(xi, value, "o", color="C0", markerfacecolor="C0" if ok else "white")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xticks(x)
+        ax.set_xlabel("rank i")
+        ax.set_ylabel("eigenvalue λ_i")
+        ax.set_title("top eigenvalues")
+
+    return _png(draw)
+
+
+def per_layer_plot(names: list[str], values: list[float], errors: list[float] | None, label: str) -> str:
+    """Horizontal bars, one per block (first block at the top), with optional error bars."""
+    height = max(2.4, 0.35 * len(names) + 1.2)
+
+    def draw(ax: plt.Axes) -> None:
+        y = np.arange(len(names))[::-1]
+        ax.barh(y, _floats(values), xerr=None if errors is None else _floats(errors), color="C1", capsize=3)
+        ax.set_yticks(y)
+        ax.set_yticklabels(names, fontsize=8)
+        ax.axvline(0, color="black", lw=0.6)
+        ax.set_xlabel(label)
+        ax.set_title(f"{label} per block")
+
+    return _png(draw, (FIGSIZE[0], height))
+
+
+def stability_plot(stability: dict) -> str:
+    """Two bar pairs: λ_max vs (2+2 momentum)/lr (GD) and trace vs 2/lr (SGD)."""
+    def draw(ax: plt.Axes) -> None:
+        groups = [
+            ("GD: λ_max vs (2+2β)/lr", stability["top_eigenvalue"], stability["gd_threshold"], None),
+            ("SGD: trace vs 2/lr", stability["trace"], stability["sgd_threshold"], stability["trace_stderr"]),
+        ]
+        x = np.arange(len(groups))
+        measured = [g[1] for g in groups]
+        thresholds = [g[2] for g in groups]
+        errors = [0.0 if g[3] is None else 2 * g[3] for g in groups]
+        ax.bar(x - 0.2, measured, 0.4, yerr=errors, capsize=3, label="measured (±2 s.e.)", color="C0")
+        ax.bar(x + 0.2, thresholds, 0.4, label=f"threshold (lr={stability['lr']:g})", color="C7")
+        ax.set_xticks(x)
+        ax.set_xticklabels([g[0] for g in groups])
+        ax.set_ylabel("value")
+        ax.set_title("stability at the given learning rate")
+        ax.legend(fontsize=8)
+
+    return _png(draw)

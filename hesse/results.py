@@ -1,0 +1,188 @@
+"""Result containers shared by :mod:`hesse.linalg` and :mod:`hesse.analysis`.
+
+Every result is a dataclass with a short ``__repr__`` and a JSON-ready ``to_dict()``
+(tensors and arrays become lists of floats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert tensors, arrays, numpy scalars and nested containers into plain Python."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
+    return value
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}" if math.isfinite(x) else str(x)
+
+
+class _ResultMixin:
+    """``to_dict`` over the dataclass fields, skipping those named in ``_skip_in_dict``."""
+
+    _skip_in_dict: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {
+            f.name: to_jsonable(getattr(self, f.name))
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if f.name not in self._skip_in_dict
+        }
+
+
+@dataclass(repr=False)
+class EigenResult(_ResultMixin):
+    """Eigenpairs from :func:`hesse.linalg.eigenvalues`.
+
+    ``values`` are sorted descending for ``which="largest"``, ascending for
+    ``"smallest"`` and by descending ``|value|`` for ``"magnitude"``; ``vectors[:, i]``
+    belongs to ``values[i]``; ``residuals[i] = ||A v_i - values[i] v_i||``.
+    """
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    matvecs: int
+    which: str
+    method: str
+    interrupted: bool = False
+    _skip_in_dict = ("vectors",)
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all()) and len(self.converged) > 0
+
+    def __repr__(self) -> str:
+        vals = ", ".join(_fmt(v) for v in self.values.tolist())
+        flag = " INTERRUPTED" if self.interrupted else ""
+        return (
+            f"EigenResult({self.which}, values=[{vals}], converged={self.converged.tolist()}, "
+            f"max_residual={_fmt(float(self.residuals.max())) if len(self.residuals) else 'n/a'}, "
+            f"matvecs={self.matvecs}, method={self.method}{flag})"
+        )
+
+
+@dataclass(repr=False)
+class TraceResult(_ResultMixin):
+    """A stochastic estimate of ``tr(A)`` with its standard error and cost."""
+
+    estimate: float
+    stderr: float
+    matvecs: int
+    method: str
+    interrupted: bool = False
+
+    def __repr__(self) -> str:
+        flag = " INTERRUPTED" if self.interrupted else ""
+        return (
+            f"{type(self).__name__}({_fmt(self.estimate)} +- {_fmt(self.stderr)}, "
+            f"method={self.method}, matvecs={self.matvecs}{flag})"
+        )
+
+
+@dataclass(repr=False)
+class NormResult(TraceResult):
+    """A stochastic estimate of the Frobenius norm ``||A||_F``."""
+
+
+@dataclass(repr=False)
+class DiagonalResult(_ResultMixin):
+    """An estimate of ``diag(A)`` (``[P]``), its per-entry standard error (or ``None``)."""
+
+    estimate: torch.Tensor
+    stderr: torch.Tensor | None
+    matvecs: int
+    method: str
+    interrupted: bool = False
+
+    def __repr__(self) -> str:
+        err = "exact" if self.stderr is None else f"mean stderr={_fmt(float(self.stderr.mean()))}"
+        flag = " INTERRUPTED" if self.interrupted else ""
+        return (
+            f"DiagonalResult(P={self.estimate.numel()}, sum={_fmt(float(self.estimate.sum()))}, "
+            f"{err}, method={self.method}, matvecs={self.matvecs}{flag})"
+        )
+
+
+@dataclass(repr=False)
+class OutlierSplit(_ResultMixin):
+    """How many eigenvalues stand out of the bulk (see :func:`bulk_outlier_split`)."""
+
+    num_outliers: int
+    outliers: list[float]
+    bulk_edge: float
+    gap_ratio: float
+    rule: str
+
+    def __repr__(self) -> str:
+        return (
+            f"OutlierSplit(num_outliers={self.num_outliers}, outliers={[_fmt(v) for v in self.outliers]}, "
+            f"bulk_edge={_fmt(self.bulk_edge)}, gap_ratio={_fmt(self.gap_ratio)})"
+        )
+
+
+@dataclass(repr=False)
+class PerLayerResult(_ResultMixin):
+    """Per-block top eigenvalue and trace (and optionally density) of a block-diagonal view."""
+
+    names: list[str]
+    sizes: dict[str, int]
+    top_eigenvalue: dict[str, float]
+    eigen_converged: dict[str, bool]
+    trace: dict[str, float]
+    trace_stderr: dict[str, float]
+    matvecs: int
+    densities: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
+
+    def rows(self) -> list[dict]:
+        """One dict per block: name, size, top eigenvalue, trace and its standard error."""
+        return [
+            {
+                "block": n,
+                "size": self.sizes[n],
+                "top_eigenvalue": self.top_eigenvalue[n],
+                "converged": self.eigen_converged[n],
+                "trace": self.trace[n],
+                "trace_stderr": self.trace_stderr[n],
+            }
+            for n in self.names
+        ]
+
+    def table(self) -> str:
+        """A printable fixed-width table of :meth:`rows`."""
+        width = max([5] + [len(n) for n in self.names])
+        lines = [f"{'block':<{width}}  {'size':>9}  {'top eig':>12}  {'trace':>12}  {'+-':>10}"]
+        for r in self.rows():
+            mark = "" if r["converged"] else " (unconverged)"
+            lines.append(
+                f"{r['block']:<{width}}  {r['size']:>9d}  {r['top_eigenvalue']:>12.5g}  "
+                f"{r['trace']:>12.5g}  {r['trace_stderr']:>10.3g}{mark}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return f"PerLayerResult(blocks={self.names}, matvecs={self.matvecs})\n{self.table()}"
