@@ -8,6 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+# Tests use tiny models, for which one thread is fastest and immune to oversubscription.
+torch.set_num_threads(1)
+
 
 def uneven_batches(X, y, sizes):
     """Split (X, y) into consecutive batches of the given sizes (deliberately uneven)."""

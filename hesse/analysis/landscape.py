@@ -27,8 +27,19 @@ from tqdm.auto import tqdm
 
 from hesse.errors import HesseError
 from hesse.operators.curvature import ParamSpec, select_parameters
-from hesse.operators.data import Batch, DataSource, ForwardFn, default_forward, default_num_samples, to_device
-from hesse.results import _ResultMixin, to_jsonable
+from hesse.operators.data import (
+    Batch,
+    DataSource,
+    ForwardFn,
+    all_reduce_sum,
+    default_forward,
+    default_num_samples,
+    to_device,
+)
+from hesse.results import _ResultMixin
+
+__all__ = ["Evaluator", "Landscape", "interpolate", "loss_landscape", "normalize_direction", "preserved",
+           "random_direction"]
 
 Direction = dict[str, torch.Tensor] | torch.Tensor
 NORMALIZATIONS = ("filter", "layer", None)
@@ -97,7 +108,9 @@ class _FlatParams:
             )
         unknown = set(direction) - set(self.names)
         if unknown:
-            raise HesseError(f"direction names {sorted(unknown)} are not selected parameters; names are {self.names[:4]}...")
+            raise HesseError(
+                f"direction names {sorted(unknown)} are not selected parameters; names look like {self.names[:4]}."
+            )
         parts = []
         for n, p in self.params.items():
             d = direction.get(n)
@@ -134,7 +147,8 @@ def _accuracy_counts(output: torch.Tensor, target: Any) -> tuple[float, int] | N
 class Evaluator:
     """Sample-weighted full-data loss, accuracy and gradient at the model's current weights.
 
-    With a ``reduction="mean"`` criterion ``L = Σ_b (n_b / N) L_b``; with ``"sum"`` ``L = Σ_b L_b``.
+    With a ``reduction="mean"`` criterion ``L = Σ_b (n_b / N) L_b``; with ``"sum"`` ``L = Σ_b L_b``
+    (summed over processes when ``torch.distributed`` is initialised).
     Gradients are taken with ``torch.autograd.grad``, so ``.grad`` is never touched.
     """
 
@@ -183,16 +197,21 @@ class Evaluator:
                 gs = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
                 g = torch.cat([x.reshape(-1) for x in gs]) * weight
                 g_sum = g if g_sum is None else g_sum + g
-            counts = _accuracy_counts(output.detach(), target) if classification else None
+            counts = _accuracy_counts(output, target) if classification else None
             if counts is None:
                 classification = False
             else:
                 correct, total = correct + counts[0], total + counts[1]
+        stats = torch.tensor([loss_sum, count, correct, total, float(not classification)], dtype=torch.float64,
+                             device=self.flat.device)
+        all_reduce_sum(stats)  # over processes under torch.distributed (no-op otherwise)
+        if g_sum is not None:
+            all_reduce_sum(g_sum)
+        loss_sum, count, correct, total, not_classification = stats.tolist()
         self.passes += 1
         norm = count if self.reduction == "mean" else 1
-        loss_value = loss_sum / norm
-        accuracy = correct / total if classification and total > 0 else None
-        return loss_value, accuracy, (g_sum / norm if g_sum is not None else None)
+        accuracy = correct / total if not_classification == 0 and total > 0 else None
+        return loss_sum / norm, accuracy, (g_sum / norm if g_sum is not None else None)
 
 
 # ---- directions ---------------------------------------------------------------------------------
@@ -380,7 +399,7 @@ def loss_landscape(
         dims = 1 if dims is None else dims
         kind = directions
     else:
-        given = list(directions)
+        given = [directions] if isinstance(directions, (torch.Tensor, dict)) else list(directions)
         if dims is not None and dims != len(given):
             raise HesseError(f"dims={dims} but {len(given)} directions were given.")
         dims, kind = len(given), "given"
@@ -483,7 +502,9 @@ def interpolate(
     sa = dict(model_a.named_parameters()) | dict(model_a.named_buffers())
     sb = dict(model_b.named_parameters()) | dict(model_b.named_buffers())
     if set(sa) != set(sb) or any(sa[n].shape != sb[n].shape for n in sa):
-        raise HesseError("model_a and model_b must have the same architecture (same parameter and buffer names and shapes).")
+        raise HesseError(
+            "model_a and model_b must have the same architecture (same parameter and buffer names and shapes)."
+        )
     params_a = dict(model_a.named_parameters())
     stats = ("running_mean", "running_var")
     bn_buffers = {f"{name}.{s}" if name else s for name, m in model_a.named_modules()

@@ -38,6 +38,8 @@ from hesse.operators.curvature import ParamSpec
 from hesse.operators.data import Batch, ForwardFn
 from hesse.results import to_jsonable
 
+__all__ = ["SharpnessMonitor"]
+
 
 def _atomic_write(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
@@ -157,7 +159,8 @@ class SharpnessMonitor:
             if self.trace:
                 from hesse.linalg import trace
 
-                tr = trace(self.hessian, budget=self.trace_budget, seed=self.seed + self.step_count, progress=False)
+                tr = trace(self.hessian, budget=self.trace_budget, seed=self.seed + self.step_count,
+                           check_symmetric=False, progress=False)
                 rec.update(trace=float(tr.estimate), trace_stderr=float(tr.stderr), trace_matvecs=int(tr.matvecs))
         finally:
             for m, training in modes:

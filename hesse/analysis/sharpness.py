@@ -40,6 +40,8 @@ from hesse.operators.curvature import ParamSpec
 from hesse.operators.data import Batch, ForwardFn
 from hesse.results import _ResultMixin
 
+__all__ = ["MEASURES", "SharpnessResult", "sharpness"]
+
 MEASURES = ("worst", "adaptive", "average", "sam", "eigenvalue", "trace")
 NORMS = ("l2", "linf")
 
@@ -66,7 +68,8 @@ class SharpnessResult(_ResultMixin):
 
     def __repr__(self) -> str:
         err = f" +- {self.stderr:.3g}" if self.stderr is not None else ""
-        return f"SharpnessResult({self.measure}={self.value:.6g}{err}, base_loss={self.base_loss:.6g}, cost={self.cost})"
+        return (f"SharpnessResult({self.measure}={self.value:.6g}{err}, base_loss={self.base_loss:.6g}, "
+                f"cost={self.cost})")
 
 
 def _project(delta: torch.Tensor, rho: float, norm: str) -> torch.Tensor:
@@ -97,39 +100,36 @@ def _random_start(P: int, rho: float, norm: str, gen: torch.Generator, like: tor
 def _worst_case(
     ev: Evaluator, w0: torch.Tensor, scale: torch.Tensor, base: float, g0: torch.Tensor,
     rho: float, norm: str, steps: int, restarts: int, step_size: float, gen: torch.Generator, progress: bool,
-) -> tuple[float, torch.Tensor, int]:
+) -> tuple[float, torch.Tensor]:
     """Projected gradient ascent on ``δ ↦ L(w0 + scale ⊙ δ)`` over the ``ρ``-ball of ``δ``.
 
     Step ``δ ← Π(δ + step_size · ρ · u)`` with ``u`` the steepest-ascent unit step of the norm
     for the gradient ``scale ⊙ ∇L``. Restart 0 starts at ``δ = 0`` (first step = SAM's, or
-    random if ``∇L(w0) = 0``), the others at random points. Returns the best loss seen, its
-    ``ε = scale ⊙ δ`` and the number of passes.
+    random if ``∇L(w0) = 0``), the others at random points. Returns the best loss seen and
+    its ``ε = scale ⊙ δ``.
     """
-    best, best_eps, passes = base, torch.zeros_like(w0), 0
+    best, best_eps = base, torch.zeros_like(w0)
     P = w0.numel()
-    bar = tqdm(total=restarts * steps, desc="worst-case sharpness", disable=not progress, leave=False)
-    for r in range(restarts):
-        if r == 0 and float((scale * g0).abs().max()) > 0:
-            delta, g = torch.zeros_like(w0), g0
-        else:
-            delta = _random_start(P, rho, norm, gen, w0)
-            ev.flat.set(w0 + scale * delta)
-            loss, _, g = ev(grad=True)
-            passes += 1
-            if loss > best:
-                best, best_eps = loss, scale * delta
-        for _ in range(steps):
-            delta = _project(delta + step_size * rho * _ascent_direction(scale * g, norm), rho, norm)
-            ev.flat.set(w0 + scale * delta)
-            loss, _, g = ev(grad=True)
-            passes += 1
-            bar.update(1)
-            if not math.isfinite(loss):
-                raise HesseError(f"the loss is {loss} at a perturbation of radius {rho}; use a smaller rho.")
-            if loss > best:
-                best, best_eps = loss, scale * delta
-    bar.close()
-    return best, best_eps, passes
+    with tqdm(total=restarts * steps, desc="worst-case sharpness", disable=not progress, leave=False) as bar:
+        for r in range(restarts):
+            if r == 0 and float((scale * g0).abs().max()) > 0:
+                delta, g = torch.zeros_like(w0), g0
+            else:
+                delta = _random_start(P, rho, norm, gen, w0)
+                ev.flat.set(w0 + scale * delta)
+                loss, _, g = ev(grad=True)
+                if loss > best:
+                    best, best_eps = loss, scale * delta
+            for _ in range(steps):
+                delta = _project(delta + step_size * rho * _ascent_direction(scale * g, norm), rho, norm)
+                ev.flat.set(w0 + scale * delta)
+                loss, _, g = ev(grad=True)
+                bar.update(1)
+                if not math.isfinite(loss):
+                    raise HesseError(f"the loss is {loss} at a perturbation of radius {rho}; use a smaller rho.")
+                if loss > best:
+                    best, best_eps = loss, scale * delta
+    return best, best_eps
 
 
 def sharpness(
@@ -213,7 +213,7 @@ def sharpness(
             return SharpnessResult("sam", loss - base, base, None, ev.passes,
                                    {"rho": rho, "gradient_norm": gnorm}, eps)
         scale = torch.ones_like(w0) if measure == "worst" else w0.abs() + eta
-        best, eps, _ = _worst_case(ev, w0, scale, base, g0, rho, norm, steps, restarts, step_size, gen, progress)
+        best, eps = _worst_case(ev, w0, scale, base, g0, rho, norm, steps, restarts, step_size, gen, progress)
         details = {"rho": rho, "norm": norm, "steps": steps, "restarts": restarts, "step_size": step_size,
                    "perturbation_norm": float(eps.norm() if norm == "l2" else eps.abs().max())}
         if measure == "adaptive":

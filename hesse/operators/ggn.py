@@ -60,7 +60,8 @@ class OutputSpaceCurvature(CurvatureOperator):
 class GGN(OutputSpaceCurvature):
     """Generalised Gauss-Newton matrix of the full-data loss (same weighting as :class:`Hessian`).
 
-    ``M = ∇²_f criterion(f, y)`` is computed with autograd, so any criterion works.
+    ``M = ∇²_f criterion(f, y)`` is computed by reverse-over-reverse autograd in the (small)
+    output space, so any twice-differentiable criterion works.
     For cross-entropy and MSE, ``G`` equals the true Fisher (``hesse.Fisher(kind="true")``).
     """
 
@@ -70,9 +71,6 @@ class GGN(OutputSpaceCurvature):
             self._check_loss(loss)
             return loss
 
-        gradient = torch.func.grad(criterion_of_output)
-
-        def hvp(u):
-            return torch.func.jvp(gradient, (output,), (u,))[1]
-
-        return torch.func.vmap(hvp)(U) if U.shape[0] > 1 else hvp(U[0]).unsqueeze(0)
+        # M is symmetric, so the VJP of the gradient is the product M u
+        _, hvp = torch.func.vjp(torch.func.grad(criterion_of_output), output)
+        return torch.func.vmap(hvp)(U)[0] if U.shape[0] > 1 else hvp(U[0])[0].unsqueeze(0)

@@ -26,8 +26,8 @@ class Hessian(CurvatureOperator):
       * ``"double-backward"``: ``H v = ∇(∇L · v)`` by reverse-over-reverse autograd, K
         vectors at once with ``is_grads_batched``; every graph is freed after the batch.
       * ``"auto"`` (default): forward-over-reverse, measured faster in ``bench/bench_operators.py``;
-        falls back to double-backward (with a warning) for models with operations that
-        have no forward-mode derivative.
+        falls back to double-backward (with a warning) when an operation has no working
+        forward-mode derivative (fused attention kernels; ``mse_loss`` in torch 2.13).
     ``vectorize=False`` loops over the K vectors instead of ``vmap`` (for models with
     operations that ``vmap`` cannot batch).
     """
@@ -48,12 +48,17 @@ class Hessian(CurvatureOperator):
             return self._double_backward(params, batch, V)
         try:
             return self._forward_over_reverse(params, batch, V)
-        except NotImplementedError as error:
-            if not (self._auto and "forward AD" in str(error)):
+        except (NotImplementedError, RuntimeError) as error:
+            if isinstance(error, HesseError):
                 raise
+            if not self._auto:
+                raise HesseError(
+                    f"forward-over-reverse differentiation failed ({str(error)[:100]}); "
+                    "use method='double-backward' (or 'auto', which falls back by itself)."
+                ) from error
             warnings.warn(
-                f"the model uses an operation without a forward-mode derivative ({error.args[0][:80]}...); "
-                "switching this Hessian to method='double-backward'.",
+                f"forward-mode differentiation failed in this model or loss ({str(error)[:100]}); "
+                "this Hessian now uses method='double-backward' (same result).",
                 stacklevel=4,
             )
             self.method = "double-backward"

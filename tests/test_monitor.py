@@ -1,0 +1,111 @@
+"""SharpnessMonitor: warm starts save products, logs are written, the model is untouched."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import hesse
+import hesse.linalg
+from hesse.analysis.monitor import SharpnessMonitor
+from hesse.errors import HesseError
+from tests.conftest import TanhMLP
+from tests.test_landscape import one_thread  # noqa: F401
+
+
+def _problem(seed: int = 0):
+    torch.manual_seed(seed)
+    model = TanhMLP(d_in=6, hidden=16, d_out=4).double()
+    X = torch.randn(64, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (64,))
+    return model, nn.CrossEntropyLoss(), X, y
+
+
+def test_warm_start_uses_fewer_products_for_the_same_accuracy():
+    model, crit, X, y = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    warm = SharpnessMonitor(model, crit, (X, y), every=3, optimizer=opt, tol=1e-4)
+    cold = SharpnessMonitor(model, crit, (X, y), every=3, optimizer=opt, tol=1e-4, warm_start=False)
+    for _ in range(15):
+        opt.zero_grad()
+        crit(model(X), y).backward()
+        opt.step()
+        warm.step()
+        cold.step()
+    assert [r["step"] for r in warm.history] == [3, 6, 9, 12, 15]
+    np.testing.assert_allclose(warm.sharpness, cold.sharpness, rtol=1e-3)
+    assert all(r["converged"] for r in warm.history + cold.history)
+    warm_mv = np.mean([r["matvecs"] for r in warm.history[1:]])  # the first record is a cold start
+    cold_mv = np.mean([r["matvecs"] for r in cold.history[1:]])
+    assert warm_mv < cold_mv
+    # and the value is right: the dense Hessian's top eigenvalue at the final weights
+    H = hesse.Hessian(model, crit, (X, y))
+    top = hesse.linalg.eigenvalues(H, k=1, tol=1e-8, progress=False).values[0]
+    assert warm.sharpness[-1] == pytest.approx(float(top), rel=1e-3)
+
+
+def test_lr_logs_and_plot(tmp_path):
+    model, crit, X, y = _problem(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    monitor = SharpnessMonitor(model, crit, (X, y), every=2, optimizer=opt, trace=True, trace_budget=12,
+                               log_dir=tmp_path / "logs", k=2)
+    for _ in range(8):
+        opt.zero_grad()
+        loss = crit(model(X), y)
+        loss.backward()
+        opt.step()
+        sched.step()
+        monitor.step(loss.item())
+    lrs = [r["lr"] for r in monitor.history]
+    assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025])
+    assert [r["two_over_lr"] for r in monitor.history] == pytest.approx([2 / lr for lr in lrs])
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "sharpness.csv")))
+    assert len(rows) == 4 and float(rows[-1]["eigenvalue"]) == pytest.approx(monitor.sharpness[-1])
+    assert {"eigenvalue_2", "trace", "trace_stderr", "loss", "matvecs"} <= set(rows[0])
+    logged = json.loads((tmp_path / "logs" / "sharpness.json").read_text())
+    first = logged["history"][0]["eigenvalues"]
+    assert len(logged["history"]) == 4 and len(first) == 2 and first[0] >= first[1]
+    assert not list((tmp_path / "logs").glob("*.tmp"))  # atomic writes leave no temporaries
+    fig = monitor.plot()
+    fig.savefig(tmp_path / "monitor.png")
+    assert (tmp_path / "monitor.png").stat().st_size > 0
+
+
+def test_monitor_leaves_mode_grads_and_weights_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 4)).double()
+    crit = nn.CrossEntropyLoss()
+    X, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 4, (32,))
+    model.train()
+    crit(model(X), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    monitor = SharpnessMonitor(model, crit, (X, y), every=1, lr=0.1)
+    record = monitor.step()
+    assert record is not None and record["two_over_lr"] == pytest.approx(20.0)
+    assert model.training and model[2].training  # dropout measured off, mode restored
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), weights))
+    with pytest.raises(HesseError, match="every"):
+        SharpnessMonitor(model, crit, (X, y), every=0)
+
+
+def test_edge_of_stability_example_runs(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, str(root / "examples" / "edge_of_stability.py"), "--steps", "20", "--every", "10",
+         "--n", "100", "--width", "8", "--lrs", "0.4", "--out", str(tmp_path)],
+        check=True, capture_output=True, timeout=120,
+    )
+    report = json.loads((tmp_path / "edge_of_stability.json").read_text())
+    assert [r["lr"] for r in report["runs"]] == [0.4] and report["runs"][0]["two_over_lr"] == 5.0
+    assert (tmp_path / "edge_of_stability.png").stat().st_size > 0
