@@ -133,6 +133,9 @@ def test_data_that_changes_between_passes_is_refused(setup):
 
 def test_bad_options_are_refused(setup):
     model, crit, batches = setup
+    H = hesse.Hessian(model, nn.MSELoss(), (torch.randn(5, 6), torch.randn(5, 4)), method="forward-over-reverse")
+    with pytest.raises(hesse.HesseError, match="forward-over-reverse.*double-backward"):
+        H @ torch.randn(H.shape[0])
     with pytest.raises(hesse.HesseError, match="unknown Hessian method"):
         hesse.Hessian(model, crit, batches, method="finite-differences")
     with pytest.raises(hesse.HesseError, match="unknown Fisher kind"):
