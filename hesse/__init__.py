@@ -1,11 +1,29 @@
 """hesse: see and use the curvature of a neural network's loss.
 
 Layers, each depending only on those before it:
-operators (matrix-free products) -> linalg (Lanczos, Hutchinson, ...) -> analysis
-(spectrum, sharpness, landscape) -> interfaces (CLI, report).
+``operators`` (matrix-free Hessian/GGN/Fisher products) -> ``linalg`` (Lanczos,
+Hutchinson, Hutch++, XTrace, ...) -> ``analysis`` (spectrum, stability, sharpness,
+landscape, training monitor) -> interfaces (``hesse`` CLI, ``report``).
+
+    H = hesse.Hessian(model, criterion, loader)
+    hesse.eigenvalues(H, k=5).values
+    hesse.trace(H).estimate
 """
 
+from hesse.analysis import (
+    Landscape,
+    SharpnessMonitor,
+    batch_size_sharpness,
+    bulk_outlier_split,
+    density,
+    interpolate,
+    loss_landscape,
+    per_layer,
+    sharpness,
+    stability,
+)
 from hesse.errors import HesseError, NotConvergedWarning
+from hesse.linalg import diagonal, eigenvalues, frobenius_norm, trace
 from hesse.operators import (
     GGN,
     BlockDiagonalOperator,
@@ -19,6 +37,8 @@ from hesse.operators import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "GGN", "BlockDiagonalOperator", "DenseOperator", "Fisher", "Hessian", "HesseError",
-    "LinearOperator", "NotConvergedWarning", "as_operator", "__version__",
+    "GGN", "BlockDiagonalOperator", "DenseOperator", "Fisher", "Hessian", "HesseError", "Landscape",
+    "LinearOperator", "NotConvergedWarning", "SharpnessMonitor", "__version__", "as_operator",
+    "batch_size_sharpness", "bulk_outlier_split", "density", "diagonal", "eigenvalues",
+    "frobenius_norm", "interpolate", "loss_landscape", "per_layer", "sharpness", "stability", "trace",
 ]

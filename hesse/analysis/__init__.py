@@ -1,5 +1,8 @@
-"""Spectral analysis (layer 3): densities, outliers, per-layer spectra and stability."""
+"""Analyses (layer 3): spectra, stability, sharpness, loss landscapes and a training monitor."""
 
+from hesse.analysis.landscape import Landscape, interpolate, loss_landscape, normalize_direction, random_direction
+from hesse.analysis.monitor import SharpnessMonitor
+from hesse.analysis.sharpness import SharpnessResult, sharpness
 from hesse.analysis.spectrum import DensityResult, bulk_outlier_split, density, per_layer
 from hesse.analysis.stability import (
     BatchSharpnessResult,
@@ -9,6 +12,7 @@ from hesse.analysis.stability import (
 )
 
 __all__ = [
-    "BatchSharpnessResult", "DensityResult", "StabilityResult",
-    "batch_size_sharpness", "bulk_outlier_split", "density", "per_layer", "stability",
+    "BatchSharpnessResult", "DensityResult", "Landscape", "SharpnessMonitor", "SharpnessResult",
+    "StabilityResult", "batch_size_sharpness", "bulk_outlier_split", "density", "interpolate",
+    "loss_landscape", "normalize_direction", "per_layer", "random_direction", "sharpness", "stability",
 ]

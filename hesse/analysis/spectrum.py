@@ -92,7 +92,8 @@ class DensityResult(_ResultMixin):
             ax.axvline(value, color="C3", lw=0.6, ls="--")
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
-        ax.set_title(f"spectral density (SLQ, {self.ritz_values.shape[0]} probes x {self.ritz_values.shape[1]} steps)")
+        probes, steps = self.ritz_values.shape
+        ax.set_title(f"spectral density (SLQ, {probes} probes x {steps} steps)")
         return fig, ax
 
     def __repr__(self) -> str:
@@ -253,7 +254,9 @@ def bulk_outlier_split(
     values = result_or_values.values if isinstance(result_or_values, EigenResult) else result_or_values
     values = np.asarray(torch.as_tensor(values, dtype=torch.float64).cpu().reshape(-1))
     if values.size < 3:
-        raise HesseError(f"bulk_outlier_split needs at least 3 eigenvalues, got {values.size}; ask for more (k >= 3).")
+        raise HesseError(
+            f"bulk_outlier_split needs at least 3 eigenvalues, got {values.size}; ask for more (k >= 3)."
+        )
     return _gap_split(values, min_gap_ratio, max_outliers)
 
 
@@ -269,7 +272,8 @@ def _gap_split(values: np.ndarray, min_gap_ratio: float, max_outliers: int | Non
             best_i, best_ratio = i, ratio
     if best_ratio < min_gap_ratio:
         best_i = 0
-    return OutlierSplit(best_i, [float(v) for v in x[:best_i]], float(x[best_i]), float(best_ratio), "largest relative gap")
+    outliers = [float(v) for v in x[:best_i]]
+    return OutlierSplit(best_i, outliers, float(x[best_i]), float(best_ratio), "largest relative gap")
 
 
 def _block_diagonal_view(op, by) -> BlockDiagonalOperator:
@@ -322,11 +326,11 @@ def per_layer(
     matvecs = used
     with make_progress(total, "per-layer", progress) as bar:
         try:
-            Z = probes(D.size, trace_probes, "rademacher", gen, D)
-            ZDZ = torch.empty_like(Z)
-            for start in range(0, trace_probes, DEFAULT_CHUNK):
+            ZDZ = torch.empty(D.size, trace_probes, dtype=D.dtype, device=D.device)
+            for start in range(0, trace_probes, DEFAULT_CHUNK):  # same probes as trace(..., "hutchinson")
                 stop = min(start + DEFAULT_CHUNK, trace_probes)
-                ZDZ[:, start:stop] = Z[:, start:stop] * D.matmat(Z[:, start:stop])
+                Z = probes(D.size, stop - start, "rademacher", gen, D)
+                ZDZ[:, start:stop] = Z * D.matmat(Z)
                 bar.update(stop - start)
             matvecs += trace_probes
             for n, s in zip(names, slices):

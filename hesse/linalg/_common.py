@@ -1,8 +1,9 @@
-"""Shared plumbing of the estimators: input checks, probes, chunked products, progress."""
+"""Shared plumbing of the estimators: input checks, probes, orthogonalisation, progress."""
 
 from __future__ import annotations
 
 import math
+
 import torch
 from tqdm.auto import tqdm
 

@@ -62,11 +62,13 @@ def eigenvalues(
     :class:`NotConvergedWarning` and are marked in ``.converged``.
 
     ``method="lanczos"`` (default): thick-restart (block) Lanczos, basis at most ``ncv``
-    columns (default ``max(2k + 10, 20, k + 8 block_size)``). ``block_size`` vectors go into
+    columns (default ``max(2k + 10, 30, k + 8 block_size)``; the basis and its products take
+    ``2 ncv P`` numbers). ``block_size`` vectors go into
     each product (one data pass): single-vector Lanczos (default 1) uses the fewest
-    products; a block of ``m`` finds every copy of an eigenvalue of multiplicity up to ``m``
-    (one start vector sees only one direction of each eigenspace, extra copies then appear
-    only through rounding) and needs fewer passes, at more products in total.
+    products; a block of ``m`` is guaranteed to find every copy of an eigenvalue of
+    multiplicity up to ``m`` and needs fewer passes, at more products in total. (A single
+    start vector sees one direction per eigenspace; the other copies enter through the
+    fresh directions added once pairs converge, which found them in all our tests.)
     ``method="power"``: power iteration with deflation, stopping on the same residual rule.
     ``v0`` (``[P]`` or ``[P, m]``) warm-starts either method, e.g. with last step's eigenvectors.
     ``max_matvecs`` caps the single-vector products (default 2000 + 100 k). If ``P`` is
@@ -87,14 +89,14 @@ def eigenvalues(
     if k > P:
         raise HesseError(f"k={k} exceeds the dimension P={P}; ask for at most {P} eigenvalues.")
     b = block_size
-    ncv = min(P, ncv if ncv is not None else max(2 * k + 10, 20, k + 8 * b))
+    ncv = min(P, ncv if ncv is not None else max(2 * k + 10, 30, k + 8 * b))
     if ncv < k + 2 * b and ncv < P:
         raise HesseError(f"ncv={ncv} is too small for k={k}, block_size={b}; use ncv >= {k + 2 * b}.")
     max_matvecs = max_matvecs if max_matvecs is not None else 2000 + 100 * k
     V0 = _check_v0(v0, op)
     gen = torch.Generator().manual_seed(seed)
 
-    with make_progress(max_matvecs, f"eigenvalues ({method})", progress) as bar:
+    with make_progress(None, f"eigenvalues ({method})", progress) as bar:
         if ncv >= P or k + 2 * b > P:
             if P > DENSE_LIMIT:
                 raise HesseError(
@@ -109,9 +111,11 @@ def eigenvalues(
     result.matvecs += used
     if not result.interrupted and not result.all_converged:
         warnings.warn(
-            f"eigenvalues: {int((~result.converged).sum())} of {len(result.converged)} eigenpairs did "
+            f"eigenvalues: {int((~result.converged).sum())} of {len(result.converged)} eigenpairs "
+            f"({k} requested) did "
             f"not reach tol={tol:g} within max_matvecs={max_matvecs} (largest residual "
-            f"{float(result.residuals.max()):.2e}); raise max_matvecs or tol, or use method='lanczos'.",
+            f"{float(result.residuals.max()):.2e}); raise max_matvecs or tol"
+            + (", or use method='lanczos' (faster)." if method == "power" else ", or raise ncv."),
             NotConvergedWarning,
             stacklevel=2,
         )
@@ -163,7 +167,7 @@ def _dense(op: LinearOperator, k: int, which: str, bar) -> EigenResult:
         A[:, start:stop] = op.matmat(E).to(torch.float64).cpu()
         bar.update(stop - start)
     A = (A + A.T) / 2
-    theta, S = np.linalg.eigh(A.numpy())
+    theta, S = (t.numpy() for t in torch.linalg.eigh(A))
     idx = _order(theta, which)[:k]
     vecs = torch.from_numpy(S[:, idx].copy())
     res = (A @ vecs - vecs * torch.from_numpy(theta[idx])).norm(dim=0)
@@ -214,7 +218,7 @@ class _Subspace:
         self.bar.update(c)
 
     def ritz(self, which: str) -> tuple[np.ndarray, np.ndarray]:
-        theta, S = np.linalg.eigh(self.H)
+        theta, S = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(self.H)))
         idx = _order(theta, which)
         return theta[idx], S[:, idx]
 
@@ -296,64 +300,71 @@ def _power(
     ``sign = -1`` turns "smallest" into "largest". For "largest" the shift starts at 0
     and becomes ``|theta|`` when the dominant remaining eigenvalue ``theta`` turns out
     negative, which makes the largest remaining eigenvalue dominant (the remaining
-    spectrum then lies in ``[-|theta|, |theta|]``). Stops on the residual norm; all but
-    the last vector are converged 100x tighter, because an eigenvector error ``delta``
-    left in the deflation puts a floor ``~ delta * gap`` under the later residuals.
+    spectrum then lies in ``[-|theta|, |theta|]``). Vector ``j`` iterates orthogonally to
+    the ``j`` found ones and stops when its deflated residual ``||(I - UU^T) A v - theta v||``
+    meets the tolerance; a final Rayleigh-Ritz step on the found vectors (using the stored
+    products, no extra ones) removes the errors they left in each other.
     """
     P = op.size
     sign = -1.0 if which == "smallest" else 1.0
     shift = 0.0
     U = torch.empty(P, 0, dtype=op.dtype, device=op.device)
-    values, residuals, converged = [], [], []
-    anorm, matvecs, interrupted = 0.0, 0, False
-    current = None  # the pair being iterated, returned (unconverged) on Ctrl-C
+    AU = torch.empty_like(U)
+    matvecs, interrupted, anorm = 0, False, 0.0
+    current = None  # the (vector, product) being iterated, kept on Ctrl-C
     try:
         while U.shape[1] < k and matvecs < max_matvecs:
             j = U.shape[1]
             v = V0[:, j].clone() if V0 is not None and j < V0.shape[1] else _random_block(P, 1, gen, op)[:, 0]
             v = v - U @ (U.T @ v)
             v = v / v.norm()
-            theta, res, ok, current = 0.0, float("inf"), False, None
+            ok, theta, current = False, 0.0, None
             while matvecs < max_matvecs:
-                w = sign * op.matvec(v)
+                Av = op.matvec(v)
                 matvecs += 1
                 bar.update(1)
+                current = (v, Av)
+                w = sign * Av
                 theta = float(v @ w)
-                res = float((w - theta * v).norm())
-                current = (v, theta, res)
                 anorm = max(anorm, abs(theta))
-                # vectors deflated later must be tighter: their error sets the floor of the rest
-                inner_tol = tol if j == k - 1 else tol * 1e-2
-                if res <= _threshold(np.array([theta]), anorm, inner_tol, op.dtype)[0]:
+                deflated = w - U @ (U.T @ w)
+                res = float((deflated - theta * v).norm())
+                if res <= _threshold(np.array([theta]), anorm, tol, op.dtype)[0]:
                     ok = True
                     break
-                v = w + shift * v
-                v = v - U @ (U.T @ v)
+                v = deflated + shift * v
                 v = v - U @ (U.T @ v)
                 v = v / v.norm()
             if ok and which != "magnitude" and theta < 0 and shift < -theta:
                 shift = -theta  # a dominant eigenvalue of the wrong sign: shift and retry
                 continue
-            U = torch.cat([U, v[:, None]], 1)
-            values.append(sign * theta)
-            residuals.append(res)
-            converged.append(ok)
+            if current is not None:  # the last multiplied vector and its product (v moved on)
+                v, Av = current
+                U, AU = torch.cat([U, v[:, None]], 1), torch.cat([AU, Av[:, None]], 1)
+            current = None
     except KeyboardInterrupt:
         interrupted = True
-        if current is not None:
-            U = torch.cat([U, current[0][:, None]], 1)
-            values.append(sign * current[1])
-            residuals.append(current[2])
-        converged = [False] * len(values)
+        if current is not None:  # keep the vector being iterated
+            v, Av = current
+            U, AU = torch.cat([U, v[:, None]], 1), torch.cat([AU, Av[:, None]], 1)
         warnings.warn("eigenvalues interrupted: returning the eigenpairs found so far, marked "
                       "unconverged.", NotConvergedWarning, stacklevel=3)
-    vals = np.array(values, dtype=np.float64)
-    idx = _order(vals, which)
+    # Rayleigh-Ritz on span(U) with the stored products: honest values and residuals
+    H = (U.T @ AU).to(torch.float64).cpu()
+    theta, S = (t.numpy() for t in torch.linalg.eigh((H + H.T) / 2))
+    idx = _order(theta, which)
+    theta, S = theta[idx], torch.from_numpy(np.ascontiguousarray(S[:, idx])).to(op.dtype).to(op.device)
+    vectors, products = U @ S, AU @ S
+    res = (products - vectors * torch.as_tensor(theta, dtype=op.dtype, device=op.device)).norm(dim=0)
+    res = res.to(torch.float64).cpu()
+    conv = res.numpy() <= _threshold(theta, max(anorm, float(np.abs(theta).max(initial=0))), tol, op.dtype)
+    if interrupted:
+        conv[:] = False
     return EigenResult(
-        values=torch.from_numpy(vals[idx].copy()),
-        vectors=U[:, torch.from_numpy(idx.copy())],
-        residuals=torch.tensor(residuals, dtype=torch.float64)[torch.from_numpy(idx.copy())],
-        converged=torch.tensor(converged, dtype=torch.bool)[torch.from_numpy(idx.copy())],
+        values=torch.from_numpy(theta.copy()),
+        vectors=vectors,
+        residuals=res,
+        converged=torch.from_numpy(conv),
         matvecs=matvecs,
         which=which,
         method="power",

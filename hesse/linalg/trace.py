@@ -84,7 +84,8 @@ def trace(
     NN Hessians), ``"xtrace"`` (same spectra, about 2x fewer products for the same error)
     or ``"hutchinson"`` (unbiased, error ``~ ||A||_F / sqrt(m)``). With ``rtol`` (Hutchinson
     only) probes are added chunk by chunk until ``stderr <= rtol * |estimate|`` or
-    ``budget`` (default 10000) products are used.
+    ``budget`` (default 10000) products are used. When ``P <= budget`` the trace is computed
+    exactly from ``P`` identity columns (``method="exact"``, ``stderr = 0``).
     """
     check_choice("method", method, TRACE_METHODS)
     _check_common(budget, distribution, chunk_size)
@@ -100,6 +101,10 @@ def trace(
         raise HesseError(f"method {method!r} needs budget >= {MIN_BUDGET[method]}, got {budget}.")
     op, used = prepare_operator(op, check_symmetric, seed)
     gen = torch.Generator().manual_seed(seed)
+    if op.size <= budget:  # P identity columns cost no more than the probes: be exact
+        with make_progress(op.size, "trace (exact)", progress) as bar:
+            diag = _exact_diagonal(op, chunk_size, bar)
+        return TraceResult(float(diag.estimate.sum()), 0.0, diag.matvecs + used, "exact", diag.interrupted)
     with make_progress(budget, f"trace ({method})", progress) as bar:
         if method == "hutchinson":
             result = _hutchinson(op, budget, rtol, distribution, gen, chunk_size, bar)
@@ -195,7 +200,8 @@ def _leave_one_out(Omega: torch.Tensor, Y: torch.Tensor):
             "the sketch A @ probes is rank deficient (the operator has rank below budget/2); "
             "use method='hutch++' (exact for low rank) or a smaller budget."
         )
-    Rinv_T = torch.linalg.solve_triangular(R, torch.eye(R.shape[0], dtype=R.dtype), upper=True).T
+    eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+    Rinv_T = torch.linalg.solve_triangular(R, eye, upper=True).T
     S = Rinv_T / Rinv_T.norm(dim=0)
     return Q, R, Q.T @ Omega.to(torch.float64), S
 
@@ -256,6 +262,8 @@ def diagonal(
         raise HesseError(f"method {method!r} needs budget >= {MIN_BUDGET[method]}, got {budget}.")
     op, used = prepare_operator(op, check_symmetric, seed)
     gen = torch.Generator().manual_seed(seed)
+    if op.size <= budget:  # P identity columns cost no more than the probes: be exact
+        method = "exact"
     total = op.size if method == "exact" else budget
     with make_progress(total, f"diagonal ({method})", progress) as bar:
         if method == "exact":

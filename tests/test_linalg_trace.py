@@ -1,0 +1,178 @@
+"""Trace, diagonal and Frobenius-norm estimators against exact values."""
+
+import numpy as np
+import pytest
+import torch
+
+from hesse.errors import NotConvergedWarning
+from hesse.linalg import diagonal, frobenius_norm, trace
+from hesse.operators.base import DenseOperator, LinearOperator
+
+P = 300
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small dense products run far faster single-threaded on a shared, loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sym_matrix(lams, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(lams), len(lams), generator=g, dtype=torch.float64))
+    return (Q * torch.as_tensor(lams, dtype=torch.float64)) @ Q.T
+
+
+_rng = np.random.default_rng(1)
+# low rank plus noise: a few large outliers over a small bulk (NN-Hessian-like)
+LOW_RANK = np.concatenate([[40, 25, 15, 10, 6, 4, 3, 2], _rng.normal(0, 0.05, P - 8)])
+A_LOW = sym_matrix(LOW_RANK)
+TRUE_TRACE = float(LOW_RANK.sum())
+
+
+# a flat spectrum with a few mild outliers: Hutchinson's home ground
+BROAD = np.concatenate([[10, 6, 4], np.random.default_rng(2).uniform(-0.5, 2, P - 3)])
+A_BROAD = sym_matrix(BROAD, seed=1)
+
+
+@pytest.mark.parametrize(
+    "method, matrix, exact, budget",
+    [
+        ("hutchinson", A_BROAD, float(BROAD.sum()), 120),
+        ("hutch++", A_LOW, TRUE_TRACE, 60),
+        ("xtrace", A_LOW, TRUE_TRACE, 60),
+    ],
+    ids=["hutchinson", "hutch++", "xtrace"],
+)
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_trace_within_reported_error(method, matrix, exact, budget, distribution):
+    inside = 0
+    for seed in range(50):
+        res = trace(matrix, method, budget=budget, seed=seed, distribution=distribution, progress=False)
+        inside += abs(res.estimate - exact) <= 2 * res.stderr
+        assert res.matvecs <= budget + 2
+    assert inside >= 45, (method, inside)
+
+
+def test_hutchpp_beats_hutchinson_on_low_rank_plus_noise():
+    def rms(method, budget):
+        errs = [trace(A_LOW, method, budget=budget, seed=s, progress=False).estimate - TRUE_TRACE for s in range(20)]
+        return float(np.sqrt(np.mean(np.square(errs))))
+
+    h_small, h_big = rms("hutchinson", 30), rms("hutchinson", 240)
+    p_small, p_big = rms("hutch++", 30), rms("hutch++", 240)
+    assert p_small < h_small / 5 and p_big < h_big / 20
+    # error shrinks faster with budget: ~1/m for Hutch++ against 1/sqrt(m) for Hutchinson
+    assert h_small / p_small < h_big / p_big
+    assert rms("xtrace", 60) < rms("hutchinson", 60) / 5
+
+
+def test_exact_for_rank_below_sketch():
+    lams = np.zeros(P)
+    lams[:5] = [5, 4, 3, -2, 1]
+    res = trace(sym_matrix(lams), "hutch++", budget=30, progress=False)
+    assert res.estimate == pytest.approx(11.0, abs=1e-8)
+
+
+def test_adaptive_hutchinson_reaches_rtol():
+    A = sym_matrix(np.linspace(1, 2, P))
+    res = trace(A, "hutchinson", rtol=0.002, progress=False, chunk_size=16)
+    assert res.stderr <= 0.002 * abs(res.estimate)
+    assert abs(res.estimate - 1.5 * P) <= 4 * res.stderr
+    assert res.matvecs < 10_000
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "xdiag"])
+def test_diagonal_estimates(method):
+    exact = torch.diagonal(A_LOW)
+    res = diagonal(A_LOW, method, budget=120, progress=False)
+    assert res.estimate.shape == (P,)
+    z = (res.estimate - exact).abs() / res.stderr
+    assert float((z <= 3).double().mean()) > 0.9
+    if method == "xdiag":  # the deflated part is exact: much better than Hutchinson
+        hutch = diagonal(A_LOW, "hutchinson", budget=120, progress=False)
+        assert (res.estimate - exact).norm() < 0.2 * (hutch.estimate - exact).norm()
+
+
+def test_exact_diagonal():
+    res = diagonal(A_LOW, "exact", progress=False, chunk_size=64)
+    torch.testing.assert_close(res.estimate, torch.diagonal(A_LOW))
+    assert res.stderr is None and res.matvecs == P + 2
+
+
+def test_frobenius_norm():
+    A = sym_matrix(np.linspace(-1, 3, P))
+    exact = float(torch.linalg.matrix_norm(A))
+    res = frobenius_norm(A, budget=200, progress=False)
+    assert abs(res.estimate - exact) <= 3 * res.stderr
+    assert res.stderr < 0.05 * exact
+
+
+class InterruptingOperator(LinearOperator):
+    def __init__(self, matrix, n):
+        self.inner, self.n, self.calls = DenseOperator(matrix), n, 0
+        self.shape, self.dtype, self.device = self.inner.shape, self.inner.dtype, self.inner.device
+
+    def _matmat(self, V):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return self.inner._matmat(V)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+def test_keyboard_interrupt_keeps_finished_probes(method):
+    A = sym_matrix(np.linspace(1, 2, P))
+    op = InterruptingOperator(A, n=3)  # the symmetry check is call 1, then chunks of 8
+    with pytest.warns(NotConvergedWarning, match="interrupted"):
+        res = trace(op, method, budget=60, chunk_size=8, progress=False)
+    assert res.interrupted and res.matvecs > 0
+    assert abs(res.estimate - 1.5 * P) <= 5 * res.stderr
+
+
+def test_results_are_json_ready():
+    import json
+
+    for res in [trace(A_LOW, budget=9, progress=False), diagonal(A_LOW, budget=8, progress=False),
+                frobenius_norm(A_LOW, budget=8, progress=False)]:
+        json.dumps(res.to_dict())
+        assert "matvecs=" in repr(res)
+
+
+class CountingOperator(DenseOperator):
+    def __init__(self, matrix):
+        super().__init__(matrix)
+        self.columns = []
+
+    def _matmat(self, V):
+        self.columns.append(V.shape[1])
+        return super()._matmat(V)
+
+
+@pytest.mark.parametrize(
+    "method, calls",
+    [("hutchinson", [2, 32, 32, 32, 3]), ("hutch++", [2, 32, 1, 32, 32, 2]), ("xtrace", [2, 32, 17, 32, 17])],
+)
+def test_probes_go_in_chunks_of_32(method, calls):
+    op = CountingOperator(A_LOW)
+    res = trace(op, method, budget=99, progress=False)
+    assert op.columns == calls  # symmetry check (2 columns), then one call per chunk
+    assert res.matvecs == sum(calls)
+
+
+def test_progress_bar_path_runs(capsys):
+    trace(A_LOW, budget=9)
+    diagonal(A_LOW, budget=8)
+    frobenius_norm(A_LOW, budget=8)
+
+
+def test_small_operators_get_the_exact_trace_and_diagonal():
+    """With P <= budget, P identity columns cost no more than the probes: the answer is exact."""
+    A = torch.diag(torch.arange(1.0, 7.0, dtype=torch.float64))
+    for method in ("hutch++", "xtrace", "hutchinson"):
+        result = trace(A, method=method, progress=False)
+        assert result.estimate == 21.0 and result.stderr == 0.0 and result.method == "exact"
+    assert torch.equal(diagonal(A, progress=False).estimate, torch.arange(1.0, 7.0, dtype=torch.float64))

@@ -1,0 +1,227 @@
+"""SLQ density, bulk/outlier split, per-layer spectra and stability diagnostics."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hesse.analysis import (
+    batch_size_sharpness,
+    bulk_outlier_split,
+    density,
+    per_layer,
+    stability,
+)
+from hesse.errors import NotConvergedWarning
+from hesse.linalg import eigenvalues, trace
+from hesse.operators.base import BlockDiagonalOperator, DenseOperator
+
+P = 400
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small dense products run far faster single-threaded on a shared, loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sym_matrix(lams, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(lams), len(lams), generator=g, dtype=torch.float64))
+    return (Q * torch.as_tensor(lams, dtype=torch.float64)) @ Q.T
+
+
+_rng = np.random.default_rng(0)
+# NN-like: ten outliers (one per "class") over a bulk near zero with some negatives
+NN_SPECTRUM = np.concatenate([[30, 20, 15, 12, 10, 8, 7, 6, 5, 4], _rng.normal(0.05, 0.1, P - 10)])
+A_NN = sym_matrix(NN_SPECTRUM)
+
+
+class CountingOperator(DenseOperator):
+    """Counts operator calls (data passes) and columns."""
+
+    def __init__(self, matrix):
+        super().__init__(matrix)
+        self.calls = 0
+
+    def _matmat(self, V):
+        self.calls += 1
+        return super()._matmat(V)
+
+
+def test_density_integrates_to_one_and_matches_moments():
+    lams = np.concatenate([[6.0, 5.0], _rng.uniform(0.5, 2.0, P - 2)])
+    A = CountingOperator(sym_matrix(lams, seed=1))
+    res = density(A, num_probes=40, lanczos_steps=60, progress=False)
+    assert np.trapezoid(res.density, res.grid) == pytest.approx(1.0, abs=1e-9)
+    m1, m2 = lams.mean(), (lams**2).mean()
+    assert res.moment(1) == pytest.approx(m1, rel=0.05)
+    assert res.moment(2) == pytest.approx(m2, rel=0.05)
+    # the smoothed curve has the same moments (up to the kernel's sigma^2)
+    assert np.trapezoid(res.grid * res.density, res.grid) == pytest.approx(m1, rel=0.05)
+    assert np.trapezoid(res.grid**2 * res.density, res.grid) == pytest.approx(m2 + res.sigma**2, rel=0.05)
+    # all probes advance together: one operator call per Lanczos step (+1 symmetry check)
+    assert A.calls == 60 + 1
+    assert res.ritz_values.shape == (40, 60) and res.weights.sum(1) == pytest.approx(np.ones(40))
+
+
+def test_density_finds_extreme_eigenvalues_without_ghosts():
+    res = density(A_NN, num_probes=4, lanczos_steps=80, progress=False)
+    top = np.sort(res.ritz_values[0])[::-1][:10]
+    np.testing.assert_allclose(top, NN_SPECTRUM[:10], rtol=1e-6)  # no repeated Ritz copies
+    assert np.nanmax(res.ritz_values) == pytest.approx(30, rel=1e-8)
+
+
+def test_bulk_outlier_split_counts_outliers():
+    split = bulk_outlier_split(eigenvalues(A_NN, k=25, progress=False))
+    assert split.num_outliers == 10
+    np.testing.assert_allclose(split.outliers, NN_SPECTRUM[:10], rtol=1e-4)
+    assert split.bulk_edge == pytest.approx(NN_SPECTRUM[10:].max(), rel=1e-3)
+    dens = density(A_NN, num_probes=5, lanczos_steps=80, progress=False)
+    assert dens.split.num_outliers == 10 and len(dens.outliers) == 10
+    assert bulk_outlier_split(np.linspace(0, 1, 30)).num_outliers == 0  # no gap, no outliers
+    json.dumps(split.to_dict())
+
+
+def test_density_plot_and_dict():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    res = density(A_NN, num_probes=3, lanczos_steps=30, progress=False, log_scale=True)
+    fig, ax = res.plot()
+    assert ax.get_yscale() == "log"
+    fig2, ax2 = res.plot(log=False)
+    assert ax2.get_yscale() == "linear"
+    d = res.to_dict()
+    json.dumps(d)
+    assert len(d["grid"]) == len(d["density"]) and "DensityResult(" in repr(res)
+
+
+def test_density_interrupt_keeps_finished_steps():
+    class Interrupting(DenseOperator):
+        calls = 0
+
+        def _matmat(self, V):
+            self.calls += 1
+            if self.calls == 12:
+                raise KeyboardInterrupt
+            return super()._matmat(V)
+
+    with pytest.warns(NotConvergedWarning, match="interrupted"):
+        res = density(Interrupting(A_NN), num_probes=3, lanczos_steps=50, progress=False)
+    assert res.interrupted and np.isfinite(res.ritz_values).sum(1).max() == 10
+    assert np.trapezoid(res.density, res.grid) == pytest.approx(1.0)
+
+
+BLOCKS = {"layer1.weight": slice(0, 120), "layer1.bias": slice(120, 130), "layer2.weight": slice(130, P)}
+
+
+def test_per_layer_traces_sum_to_block_diagonal_trace_and_top_eigenvalues_exact():
+    D = BlockDiagonalOperator(DenseOperator(A_NN), BLOCKS)
+    res = per_layer(D, trace_probes=64, progress=False, seed=3)
+    full = trace(D, "hutchinson", budget=64, seed=3, progress=False)
+    assert sum(res.trace.values()) == pytest.approx(full.estimate, rel=1e-10)
+    for name, s in BLOCKS.items():
+        block = A_NN[s, s]
+        assert res.top_eigenvalue[name] == pytest.approx(float(torch.linalg.eigvalsh(block)[-1]), rel=1e-3)
+        assert abs(res.trace[name] - float(torch.trace(block))) <= 4 * res.trace_stderr[name] + 1e-9
+        assert res.eigen_converged[name]
+    rows = res.rows()
+    assert [r["block"] for r in rows] == list(BLOCKS) and "layer1.bias" in res.table()
+    json.dumps(res.to_dict())
+
+
+def test_per_layer_advances_all_blocks_in_one_pass_per_step():
+    parent = CountingOperator(A_NN)
+    D = BlockDiagonalOperator(parent, BLOCKS)
+    res = per_layer(D, trace_probes=32, progress=False)
+    # 1 symmetry check + 1 chunk of trace probes + one call per Lanczos step
+    assert parent.calls == 2 + (res.matvecs - 2 - 32)
+    assert res.matvecs - 2 - 32 <= 200
+
+
+def test_per_layer_uses_blocks_of_a_plain_operator_and_block_diagonal_method():
+    plain = DenseOperator(A_NN, blocks=BLOCKS)
+    res = per_layer(plain, trace_probes=8, progress=False)
+    assert res.names == list(BLOCKS)
+
+    class WithBlockDiagonal(DenseOperator):
+        def block_diagonal(self, by="module"):
+            return BlockDiagonalOperator(self, {"first": slice(0, 200), "second": slice(200, P)})
+
+    res2 = per_layer(WithBlockDiagonal(A_NN), trace_probes=8, progress=False, density_kwargs={"lanczos_steps": 20})
+    assert res2.names == ["first", "second"] and set(res2.densities) == {"first", "second"}
+
+
+def test_stability_verdicts():
+    top, tr = 30.0, float(NN_SPECTRUM.sum())
+    unstable = stability(A_NN, lr=0.1, progress=False)  # 2/lr = 20 < 30
+    assert unstable.top_eigenvalue == pytest.approx(top, rel=1e-4)
+    assert unstable.gd_ratio == pytest.approx(top * 0.1 / 2, rel=1e-4) and unstable.gd_verdict.startswith("unstable")
+    assert unstable.sgd_verdict.startswith("violated")
+    edge = stability(A_NN, lr=0.065, progress=False)  # 2/lr = 30.8
+    assert edge.gd_verdict.startswith("edge")
+    calm = stability(A_NN, lr=2 / (3 * tr), momentum=0.5, progress=False)
+    assert calm.gd_verdict == "stable" and calm.sgd_verdict.startswith("satisfied")
+    assert calm.gd_threshold == pytest.approx(3 / calm.lr)
+    json.dumps(calm.to_dict())
+    assert "GD :" in repr(calm)
+
+
+def test_batch_size_sharpness_decreases_with_batch_size():
+    d = 30
+
+    def make_op(batch_size, seed):
+        X = np.random.default_rng(seed).normal(size=(batch_size, d))
+        return torch.tensor(X.T @ X / batch_size)  # sample covariance: its top eigenvalue -> 1
+
+    res = batch_size_sharpness(make_op, [8, 64, 512], repeats=3, progress=False)
+    assert res.mean[0] > res.mean[1] > res.mean[2] > 1.0
+    # Marchenko-Pastur edge (1 + sqrt(d/B))^2 for the largest batch
+    assert res.mean[2] == pytest.approx((1 + np.sqrt(d / 512)) ** 2, rel=0.1)
+    assert res.max_stable_lr[2] > res.max_stable_lr[0]
+    assert res.fit["c"] > 0
+    json.dumps(res.to_dict())
+
+
+def test_exact_hessian_density_and_trace():
+    torch.manual_seed(0)
+    X, y = torch.randn(48, 6, dtype=torch.float64), torch.randint(0, 3, (48,))
+    shapes = [(24, 6), (24,), (3, 24), (3,)]
+    sizes = [int(np.prod(s)) for s in shapes]
+    theta0 = torch.cat([0.5 * torch.randn(n, dtype=torch.float64) for n in sizes])
+
+    def loss(theta):
+        W1, b1, W2, b2 = [t.reshape(s) for t, s in zip(torch.split(theta, sizes), shapes)]
+        return torch.nn.functional.cross_entropy(torch.tanh(X @ W1.T + b1) @ W2.T + b2, y)
+
+    H = torch.func.hessian(loss)(theta0)
+    op = DenseOperator(H)
+    exact_trace = float(torch.trace(H))
+    tr = trace(op, "hutch++", budget=90, progress=False)
+    assert abs(tr.estimate - exact_trace) <= 3 * tr.stderr
+    dens = density(op, num_probes=20, lanczos_steps=60, progress=False)
+    assert dens.moment(2) == pytest.approx(float((H * H).sum()) / H.shape[0], rel=0.25)
+    assert np.nanmax(dens.ritz_values) == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-6)
+
+
+def test_per_layer_interrupt_keeps_traces():
+    class Interrupting(DenseOperator):
+        calls = 0
+
+        def _matmat(self, V):
+            self.calls += 1
+            if self.calls == 6:  # symmetry check, 1 trace chunk, then Lanczos steps
+                raise KeyboardInterrupt
+            return super()._matmat(V)
+
+    D = BlockDiagonalOperator(Interrupting(A_NN), BLOCKS)
+    with pytest.warns(NotConvergedWarning, match="interrupted"):
+        res = per_layer(D, trace_probes=16, progress=False)
+    assert res.interrupted and not any(res.eigen_converged.values())
+    assert all(np.isfinite(v) for v in res.trace.values())
+    assert all(np.isfinite(v) for v in res.top_eigenvalue.values())  # Ritz values after 3 steps
