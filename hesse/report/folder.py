@@ -54,6 +54,13 @@ def write_report_folder(folder: Path, files: dict[str, str], overwrite: bool) ->
     """
     folder = folder.resolve()
     check_output_folder(folder, overwrite)
+    try:
+        _swap_in(folder, files)
+    except OSError as error:
+        raise HesseError(f"cannot write the report to {folder}: {error.strerror or error}.") from error
+
+
+def _swap_in(folder: Path, files: dict[str, str]) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     retired: Path | None = None
     try:

@@ -23,12 +23,23 @@ def overview(report: dict) -> str:
         f"The matrix is the {CURVATURE_NAMES[curvature['kind']]}. The loss at the analysed "
         f"parameters is {_g(report['loss'])} and the gradient norm {_g(report['gradient_norm'])}. "
         "All estimates use only matrix-vector products: the matrix itself is never formed."
+        + _training(report.get("training"))
     )
+
+
+def _training(training: dict | None) -> str:
+    if not training:
+        return ""
+    return (f" The model was trained here with {training['optimizer']} (lr {training['lr']:g}, batch "
+            f"{training['batch_size']}, {training['epochs']} epochs, seed {training['seed']}) to a training "
+            f"loss of {_g(training['final_loss'])} and accuracy {100 * training['train_accuracy']:.1f}%.")
 
 
 def eigenvalues(report: dict) -> str:
     eig = report["results"]["eigenvalues"]
     values = [v for v in eig["values"] if v is not None]
+    if not values:
+        return "No eigenvalue estimate is a finite number; check the warnings below."
     top = values[0]
     text = (
         f"The largest eigenvalue (the sharpness) is λ₁ = {_g(top)}: moving the parameters a distance t "
@@ -48,6 +59,8 @@ def eigenvalues(report: dict) -> str:
 def trace(report: dict) -> str:
     tr = report["results"]["trace"]
     P = report["model"]["num_parameters"]
+    if tr["estimate"] is None:
+        return "The trace estimate is not a finite number; check the warnings below."
     text = (
         f"The trace (sum of all {P:,} eigenvalues) is {_g(tr['estimate'])} ± {_g(tr['stderr'])} "
         f"(Hutch++, {tr['matvecs']} products), i.e. an average curvature of {_g(tr['estimate'] / P)} per "
@@ -75,15 +88,30 @@ def density(report: dict) -> str:
     )
     if outliers:
         count = outliers["num_outliers"]
-        text += (f"{count} outlier{'s' if count != 1 else ''} stand{'s' if count == 1 else ''} out of "
-                 f"the bulk, whose edge is near {_g(outliers['bulk_edge'])}"
-                 + (f" (outliers: {', '.join(_g(v) for v in outliers['outliers'])})" if count else "")
-                 + ". For classifiers one outlier per class is common. ")
-    if report["curvature"]["kind"] == "hessian" and dens["grid"] and dens["grid"][0] is not None \
-            and dens["grid"][0] < 0:
-        text += ("Mass at negative eigenvalues means directions of negative curvature: the "
-                 "parameters are not at an exact minimum.")
+        if count:
+            text += (f"{count} outlier{'s' if count > 1 else ''} ({', '.join(_g(v) for v in outliers['outliers'])}) "
+                     f"stand{'s' if count == 1 else ''} out of the bulk, whose edge is near "
+                     f"{_g(outliers['bulk_edge'])}; for classifiers about one outlier per class is common. ")
+        else:
+            text += ("No eigenvalue stands clearly apart: the spectrum decays gradually from the top "
+                     "instead of splitting into bulk and outliers. ")
+    negative = _negative_mass(dens)
+    if negative > 0.01:
+        text += (f"About {100 * negative:.0f}% of the eigenvalue mass is negative: directions of negative "
+                 "curvature, so the parameters are not at an exact minimum (typical for a Hessian "
+                 "away from convergence; the GGN and Fisher have none).")
     return text
+
+
+def _negative_mass(dens: dict) -> float:
+    """Quadrature weight of clearly negative Ritz values, averaged over probes."""
+    nodes = [v for row in dens["ritz_values"] for v in row if v is not None]
+    if not nodes:
+        return 0.0
+    cutoff = -1e-3 * max(abs(v) for v in nodes)
+    mass = sum(w for nrow, wrow in zip(dens["ritz_values"], dens["weights"])
+               for v, w in zip(nrow, wrow) if v is not None and v < cutoff)
+    return mass / len(dens["ritz_values"])
 
 
 def per_layer(report: dict) -> str:
@@ -118,9 +146,34 @@ def stability(report: dict) -> str:
     )
 
 
+def landscape(report: dict) -> str:
+    land = report["results"]["landscape"]
+    values = [v for row in land["loss"] for v in row if v is not None]
+    return (
+        f"The loss on a plane through the weights (the + at the centre, loss {_g(land['base_loss'])}), "
+        "spanned by two random directions scaled filter by filter to the weights' own size (Li et al. "
+        f"2018), so distances are comparable across layers. Over the plotted square the loss ranges "
+        f"from {_g(min(values))} to {_g(max(values))}: wide, round contours mean a flat basin; tight "
+        "contours a sharp one. A random plane mostly sees the bulk of the spectrum, not the few sharpest "
+        "directions."
+    )
+
+
+def sharpness(report: dict) -> str:
+    measures = report["results"]["sharpness"]
+    worst, average = measures["worst"], measures["average"]
+    return (
+        f"Worst-case sharpness: the largest loss increase found within an L2 ball of radius "
+        f"{_g(worst['details'].get('rho'))} around the weights is {_g(worst['value'])} (projected gradient "
+        "ascent, a lower bound; Keskar et al. 2017, SAM). Average sharpness: under Gaussian weight noise "
+        f"of standard deviation {_g(average['details'].get('sigma'))} the loss rises by {_g(average['value'])} "
+        "on average (≈ σ²·trace/2 for a quadratic). Smaller values mean a flatter minimum."
+    )
+
+
 SECTIONS = {
     "eigenvalues": eigenvalues, "trace": trace, "density": density,
-    "per_layer": per_layer, "stability": stability,
+    "per_layer": per_layer, "stability": stability, "landscape": landscape, "sharpness": sharpness,
 }
 
 

@@ -23,6 +23,8 @@ TITLES = {
     "density": "Spectral density",
     "per_layer": "Per-layer curvature",
     "stability": "Stability at the learning rate",
+    "landscape": "Loss landscape",
+    "sharpness": "Perturbation sharpness",
 }
 
 
@@ -54,6 +56,8 @@ def figures(report: dict) -> dict[str, list[str]]:
         ]
     if "stability" in results:
         out["stability"] = [_img(plots.stability_plot(results["stability"]), "stability comparison")]
+    if "landscape" in results:
+        out["landscape"] = [_img(plots.landscape_plot(results["landscape"]), "loss landscape")]
     return out
 
 
@@ -95,7 +99,8 @@ def render(report: dict, summary_rows: list[tuple[str, str]]) -> str:
         if name not in report["results"]:
             continue
         parts.append(f"<h2>{title}</h2>")
-        parts.append(f"<div class='figures'>{''.join(images.get(name, []))}</div>")
+        if name in images:
+            parts.append(f"<div class='figures'>{''.join(images[name])}</div>")
         parts.append(f"<p>{html.escape(texts[name])}</p>")
         if name == "per_layer":
             parts.append(_per_layer_table(report["results"]["per_layer"]))

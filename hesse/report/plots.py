@@ -39,10 +39,10 @@ def density_plot(density: dict, outliers: list[float], log: bool) -> str:
     def draw(ax: plt.Axes) -> None:
         ax.plot(grid, values, lw=1.3, color="C0")
         ax.fill_between(grid, values, alpha=0.15, color="C0")
-        if log:
-            positive = values[values > 0]
+        positive = values[values > 0]
+        if log and positive.size:
             ax.set_yscale("log")
-            ax.set_ylim(bottom=max(positive.min(), positive.max() * 1e-10))
+            ax.set_ylim(bottom=max(positive.min(), positive.max() * 1e-8), top=positive.max() * 3)
         for value in outliers:
             ax.axvline(value, color="C3", lw=0.8, ls="--")
         ax.set_xlabel("eigenvalue")
@@ -54,10 +54,12 @@ def density_plot(density: dict, outliers: list[float], log: bool) -> str:
 
 def top_eigenvalues_plot(values: list[float], converged: list[bool]) -> str:
     """The top-k eigenvalues as a stem plot; hollow markers for unconverged ones."""
+    heights = _floats(values)
+
     def draw(ax: plt.Axes) -> None:
-        x = np.arange(1, len(values) + 1)
-        ax.vlines(x, 0, values, color="C0", lw=1.5)
-        for xi, value, ok in zip(x, values, converged):
+        x = np.arange(1, len(heights) + 1)
+        ax.vlines(x, 0, heights, color="C0", lw=1.5)
+        for xi, value, ok in zip(x, heights, converged):
             ax.plot(xi, value, "o", color="C0", markerfacecolor="C0" if ok else "white")
         ax.axhline(0, color="black", lw=0.6)
         ax.set_xticks(x)
@@ -92,9 +94,9 @@ def stability_plot(stability: dict) -> str:
             ("SGD: trace vs 2/lr", stability["trace"], stability["sgd_threshold"], stability["trace_stderr"]),
         ]
         x = np.arange(len(groups))
-        measured = [g[1] for g in groups]
-        thresholds = [g[2] for g in groups]
-        errors = [0.0 if g[3] is None else 2 * g[3] for g in groups]
+        measured = _floats([g[1] for g in groups])
+        thresholds = _floats([g[2] for g in groups])
+        errors = _floats([0.0 if g[3] is None else 2 * g[3] for g in groups])
         ax.bar(x - 0.2, measured, 0.4, yerr=errors, capsize=3, label="measured (±2 s.e.)", color="C0")
         ax.bar(x + 0.2, thresholds, 0.4, label=f"threshold (lr={stability['lr']:g})", color="C7")
         ax.set_xticks(x)
@@ -104,3 +106,20 @@ def stability_plot(stability: dict) -> str:
         ax.legend(fontsize=8)
 
     return _png(draw)
+
+
+def landscape_plot(landscape: dict) -> str:
+    """Contour lines of the loss over the 2-D plane through the weights (marked +)."""
+    alphas, betas = _floats(landscape["alphas"]), _floats(landscape["betas"])
+    loss = np.array([_floats(row) for row in landscape["loss"]])
+
+    def draw(ax: plt.Axes) -> None:
+        A, B = np.meshgrid(alphas, betas, indexing="ij")
+        contours = ax.contour(A, B, loss, levels=20, cmap="viridis")
+        ax.clabel(contours, fontsize=7)
+        ax.plot([0], [0], "k+", markersize=10)
+        ax.set_xlabel("direction 1")
+        ax.set_ylabel("direction 2")
+        ax.set_title("loss landscape (random filter-normalised directions)")
+
+    return _png(draw, (5.2, 4.4))

@@ -1,0 +1,99 @@
+"""The report folder is written all-or-nothing and only over hesse's own reports."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import hesse.report.folder as folder_module
+from hesse.errors import HesseError
+from hesse.report import SCHEMA, check_output_folder, write_report_folder
+from hesse.report.interpret import interpret
+
+OURS = json.dumps({"schema": SCHEMA})
+
+
+def test_writes_into_new_and_empty_folders(tmp_path):
+    write_report_folder(tmp_path / "new", {"report.json": OURS, "index.html": "<html>"}, overwrite=False)
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["index.html", "report.json"]
+    (tmp_path / "empty").mkdir()
+    write_report_folder(tmp_path / "empty", {"report.json": OURS}, overwrite=False)
+    assert (tmp_path / "empty" / "report.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]  # no temporary folders left
+
+
+def test_replaces_our_report_only_with_overwrite(tmp_path):
+    target = tmp_path / "r"
+    write_report_folder(target, {"report.json": OURS, "old.png": "x"}, overwrite=False)
+    with pytest.raises(HesseError, match="--overwrite"):
+        write_report_folder(target, {"report.json": OURS}, overwrite=False)
+    write_report_folder(target, {"report.json": OURS}, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+@pytest.mark.parametrize("content", ["{}", "not json", json.dumps({"schema": "someone-else"})])
+def test_refuses_foreign_folders_even_with_overwrite(tmp_path, content):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "report.json").write_text(content)
+    with pytest.raises(HesseError, match="not a hesse report"):
+        check_output_folder(tmp_path / "r", overwrite=True)
+
+
+def test_unwritable_parent_is_a_one_line_error(tmp_path, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(folder_module.tempfile, "mkdtemp", denied)
+    with pytest.raises(HesseError, match="cannot write the report to .*: Permission denied"):
+        write_report_folder(tmp_path / "r", {"report.json": OURS}, overwrite=False)
+
+
+def test_refuses_a_file_and_a_missing_parent(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(HesseError, match="not a hesse report"):
+        check_output_folder(tmp_path / "file", overwrite=True)
+    with pytest.raises(HesseError, match="does not exist"):
+        check_output_folder(tmp_path / "no" / "such", overwrite=False)
+
+
+@pytest.mark.parametrize("error, raised", [(KeyboardInterrupt, KeyboardInterrupt), (OSError, HesseError)])
+def test_interrupt_during_the_swap_keeps_the_old_report(tmp_path, monkeypatch, error, raised):
+    target = tmp_path / "r"
+    write_report_folder(target, {"report.json": OURS, "index.html": "old"}, overwrite=False)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(src).startswith(str(tmp_path / ".r.tmp-")):
+            raise error
+        real_replace(src, dst)
+
+    monkeypatch.setattr(folder_module.os, "replace", failing_replace)
+    with pytest.raises(raised):
+        write_report_folder(target, {"report.json": OURS, "index.html": "new"}, overwrite=True)
+    assert (target / "index.html").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_interpretation_names_verdicts_and_outliers():
+    report = {
+        "model": {"description": "net", "num_parameters": 100},
+        "data": {"description": "data", "num_samples": 10},
+        "curvature": {"kind": "hessian"},
+        "loss": 0.5, "gradient_norm": 0.1,
+        "outliers": {"num_outliers": 2, "outliers": [9.0, 5.0], "bulk_edge": 1.0},
+        "results": {
+            "eigenvalues": {"values": [9.0, 5.0, 1.0], "converged": [True, True, False]},
+            "density": {"ritz_values": [[-2.0, 0.5, 9.0]], "weights": [[0.2, 0.7, 0.1]], "grid": [-3.0, 10.0]},
+            "stability": {"lr": 0.2, "gd_threshold": 10.0, "top_eigenvalue": 9.0, "gd_ratio": 0.9,
+                          "gd_verdict": "edge of stability", "sgd_threshold": 10.0, "trace": 20.0,
+                          "trace_stderr": 1.0, "sgd_ratio": 2.0, "sgd_verdict": "violated"},
+        },
+    }
+    texts = interpret(report)
+    assert set(texts) == {"overview", "eigenvalues", "density", "stability"}
+    assert "0.2222" in texts["eigenvalues"]  # the largest stable lr, 2 / 9
+    assert "2 outliers" in texts["density"] and "20%" in texts["density"]
+    assert "edge of stability" in texts["stability"] and "violated" in texts["stability"]
