@@ -244,6 +244,20 @@ def resolve(explicit: dict[str, Any], problem: Problem) -> dict[str, Any]:
             for key, default in DEFAULTS.items()}
 
 
+def training_batch_size(explicit: int | None, problem: Problem) -> tuple[int, str]:
+    """The batch size B of the SGD stability check and where it came from.
+
+    ``--train-batch-size`` if given ("command line"), else the batch size the example was
+    trained with ("example training"), else 1 ("assumed": Wu & Su's single-sample case).
+    """
+    if explicit is not None:
+        return int(explicit), "command line"
+    trained = (problem.info.get("training") or {}).get("batch_size")
+    if trained:
+        return int(trained), "example training"
+    return 1, "assumed"
+
+
 def parse_analyses(text: str, lr: float | None, explicit: bool) -> tuple[str, ...]:
     """The ``--analyses`` list; stability is dropped without ``--lr`` unless asked for explicitly."""
     names = tuple(dict.fromkeys(a.strip() for a in text.split(",") if a.strip()))
@@ -305,6 +319,9 @@ def main() -> None:
               help="Relative tolerance of the eigenvalues [1e-3].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
               help="Training learning rate, for stability [examples: their training lr].")
+@click.option("--train-batch-size", type=click.IntRange(min=1),
+              help="Batch size the model was trained with, for the SGD stability check "
+                   "[digits, mnist1d examples: their training batch size, 32; else 1, noted in the report].")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of every random choice (training, probes).")
 @click.option("--device", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
@@ -316,19 +333,20 @@ def main() -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bars or stage messages.")
 @click.option("--json-only", is_flag=True, help="Write report.json only (no index.html, no plots).")
 def analyze(example, model_spec, checkpoint, hf_model, data_spec, param_globs, loss, curvature, fisher_kind, landscape,
-            sharpness, seed, device, threads, out, overwrite, no_progress, json_only, **budgets) -> None:
+            sharpness, train_batch_size, seed, device, threads, out, overwrite, no_progress, json_only,
+            **budgets) -> None:
     """Compute the curvature of a model's loss and write report.json and index.html.
 
     \b
     Examples:
       hesse analyze --example digits --out hesse-report --overwrite
-      hesse analyze --model examples/models.py:make_net --data digits --lr 0.05
+      hesse analyze --model examples/models.py:make_net --data digits --lr 0.05 --train-batch-size 64
       hesse analyze --example minilm --out minilm-report
     """
     try:
         extras = tuple(name for name, wanted in (("landscape", landscape), ("sharpness", sharpness)) if wanted)
         _analyze(example, model_spec, checkpoint, hf_model, data_spec, param_globs, loss, curvature, fisher_kind,
-                 extras, seed, device, threads, out, overwrite, no_progress, json_only, budgets)
+                 extras, train_batch_size, seed, device, threads, out, overwrite, no_progress, json_only, budgets)
     except HesseError as error:
         _fail(str(error))
     except KeyboardInterrupt:
@@ -336,7 +354,8 @@ def analyze(example, model_spec, checkpoint, hf_model, data_spec, param_globs, l
 
 
 def _analyze(example, model_spec, checkpoint, hf_model, data_spec, param_globs, loss, curvature, fisher_kind,
-             extras, seed, device, threads, out: Path, overwrite, no_progress, json_only, budgets: dict) -> None:
+             extras, train_batch_size, seed, device, threads, out: Path, overwrite, no_progress, json_only,
+             budgets: dict) -> None:
     started = time.perf_counter()
     check_output_folder(out.resolve(), overwrite)  # fail before any expensive work
     if device == "cuda" and not torch.cuda.is_available():
@@ -351,6 +370,9 @@ def _analyze(example, model_spec, checkpoint, hf_model, data_spec, param_globs, 
     options = resolve(budgets, problem)
     analyses = parse_analyses(options["analyses"], options["lr"], explicit=budgets.get("analyses") is not None)
     analyses += tuple(name for name in extras if name not in analyses)
+    train_batch_size, train_batch_size_source = training_batch_size(train_batch_size, problem)
+    if "stability" in analyses and train_batch_size_source == "assumed":
+        _stage("note: no --train-batch-size given; the SGD stability check assumes batch size 1", no_progress)
     if problem.criterion is None or loss != "cross_entropy":
         problem.criterion = LOSSES[loss]()
     if loss == "mse":
@@ -365,7 +387,7 @@ def _analyze(example, model_spec, checkpoint, hf_model, data_spec, param_globs, 
         data = first_samples(data, options["max_samples"])
     op = make_operator(problem, data, curvature, fisher_kind, seed)
     settings = AnalysisSettings(analyses=analyses, seed=seed, layer_blocks=problem.layer_blocks,
-                                **{name: options[name] for name in BUDGET_OPTIONS})
+                                train_batch_size=train_batch_size, **{name: options[name] for name in BUDGET_OPTIONS})
     _stage(f"{op!r}: loss and gradient", no_progress)
     try:
         loss_value = op.loss()
@@ -382,7 +404,8 @@ def _analyze(example, model_spec, checkpoint, hf_model, data_spec, param_globs, 
     report = build_report(
         command=shlex.join(["hesse", *sys.argv[1:]]),
         settings={
-            **options, "analyses": list(analyses), "example": example, "model": model_spec,
+            **options, "analyses": list(analyses), "train_batch_size": train_batch_size,
+            "train_batch_size_source": train_batch_size_source, "example": example, "model": model_spec,
             "checkpoint": str(checkpoint) if checkpoint else None, "hf_model": str(hf_model) if hf_model else None,
             "data": data_spec, "params": list(param_globs) or None, "loss": loss, "curvature": curvature,
             "fisher_kind": fisher_kind, "seed": seed, "device": device, "threads": torch.get_num_threads(),

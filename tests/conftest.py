@@ -12,6 +12,13 @@ from torch import nn
 torch.set_num_threads(1)
 
 
+def sym_matrix(lams, seed=0) -> torch.Tensor:
+    """Q diag(lams) Q^T with a random orthogonal Q (float64): a matrix with a known spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(lams), len(lams), generator=g, dtype=torch.float64))
+    return (Q * torch.as_tensor(lams, dtype=torch.float64)) @ Q.T
+
+
 def uneven_batches(X, y, sizes):
     """Split (X, y) into consecutive batches of the given sizes (deliberately uneven)."""
     out, start = [], 0

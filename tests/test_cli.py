@@ -48,6 +48,10 @@ def test_report_json_has_schema_settings_and_costs(digits_report):
     assert report["schema"] == "hesse-report/1"
     assert set(report["versions"]) >= {"hesse", "torch", "python"}
     assert report["settings"]["seed"] == 0 and report["settings"]["lr"] == 0.1
+    # the SGD stability check uses the example's own training batch size
+    assert report["settings"]["train_batch_size"] == report["training"]["batch_size"] == 32
+    assert report["settings"]["train_batch_size_source"] == "example training"
+    assert report["results"]["stability"]["batch_size"] == 32
     assert report["settings"]["analyses"] == ["eigenvalues", "trace", "density", "per-layer", "stability"]
     assert set(report["results"]) == {"eigenvalues", "trace", "density", "per_layer", "stability"}
     assert report["data"]["num_samples"] == 64
@@ -72,9 +76,12 @@ def test_report_numbers_equal_the_python_api(digits_report, digits_operator):
     assert results["density"]["ritz_values"][0] == pytest.approx(dens.ritz_values[0].tolist(), rel=1e-3, abs=1e-6)
     layers = per_layer(op, tol=1e-2, max_steps=6, trace_probes=2, seed=0, progress=False)
     assert results["per_layer"]["trace"] == pytest.approx(layers.trace, rel=1e-4)
-    st = stability(op, 0.1, tol=1e-2, trace_budget=6, seed=0, progress=False)
+    st = stability(op, 0.1, batch_size=32, tol=1e-2, trace_budget=6, seed=0, progress=False)
     assert results["stability"]["top_eigenvalue"] == pytest.approx(st.top_eigenvalue, rel=1e-4)
     assert results["stability"]["gd_verdict"] == st.gd_verdict
+    assert results["stability"]["sgd_quantity"] == pytest.approx(st.sgd_quantity, rel=1e-4)
+    assert results["stability"]["sgd_ratio"] == pytest.approx(st.sgd_ratio, rel=1e-4)
+    assert results["stability"]["sgd_verdict"] == st.sgd_verdict
 
 
 def test_html_is_self_contained_with_every_plot(digits_report):
@@ -83,6 +90,41 @@ def test_html_is_self_contained_with_every_plot(digits_report):
     assert page.count(IMG) == 6
     assert not re.search(r'src="(?!data:)', page)
     assert "edge of stability" in page and "per-layer" in page.lower()
+
+
+def test_summary_and_page_name_the_training_batch_size(digits_report):
+    from hesse.report import summary_rows
+
+    report = json.loads((digits_report / "report.json").read_text())
+    rows = dict(summary_rows(report))
+    assert "SGD stability (lr=0.1, B=32)" in rows
+    assert rows["SGD stability (lr=0.1, B=32)"].startswith("(tr/B + (1−1/B)λ₁)/(2/lr) = ")
+    assert "batch size B = 32" in report["interpretation"]["stability"]
+    assert "assumed" not in report["interpretation"]["stability"]
+    assert "batch size B = 32" in (digits_report / "index.html").read_text()
+
+
+@pytest.mark.parametrize("given", [None, 64])
+def test_train_batch_size_for_user_models(tmp_path, given):
+    extra = [] if given is None else ["--train-batch-size", str(given)]
+    result = CliRunner().invoke(main, ["analyze", "--model", "examples/models.py:make_net", "--data", "digits",
+                                       "--lr", "0.05", "--analyses", "stability", "--json-only",
+                                       "--out", str(tmp_path / "r"), *TINY, *extra])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    st, settings = report["results"]["stability"], report["settings"]
+    B = 1 if given is None else given
+    assert st["batch_size"] == settings["train_batch_size"] == B
+    assert st["sgd_quantity"] == pytest.approx(st["trace"] / B + (1 - 1 / B) * st["top_eigenvalue"])
+    assert st["sgd_ratio"] == pytest.approx(st["sgd_quantity"] * 0.05 / 2)
+    if given is None:  # the report says that batch size 1 was assumed
+        assert settings["train_batch_size_source"] == "assumed"
+        assert "batch size 1 was assumed" in report["interpretation"]["stability"]
+        assert "B=1 assumed" in result.output
+    else:
+        assert settings["train_batch_size_source"] == "command line"
+        assert "assumed" not in report["interpretation"]["stability"]
+        assert f"B={B})" in result.output
 
 
 def test_existing_report_needs_overwrite(digits_report):

@@ -21,16 +21,6 @@ from hesse.errors import HesseError
 from tests.conftest import SmallCNN, TanhMLP, uneven_batches
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run single-threaded: these models are tiny, and on a busy 2-core machine OpenMP threads
-    make every product up to 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class SquaredError(nn.Module):
     """``mean_n (f(x_n) - y_n)^2`` for a 1-output model (nn.MSELoss-like, usable by the Hessian)."""
 

@@ -7,24 +7,9 @@ import torch
 from hesse.errors import NotConvergedWarning
 from hesse.linalg import EigenResult, eigenvalues
 from hesse.operators.base import DenseOperator, LinearOperator
+from tests.conftest import sym_matrix
 
 P = 400
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small dense products run far faster single-threaded on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def sym_matrix(lams, seed=0) -> torch.Tensor:
-    """Q diag(lams) Q^T with a random orthogonal Q (float64)."""
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(len(lams), len(lams), generator=g, dtype=torch.float64))
-    return (Q * torch.as_tensor(lams, dtype=torch.float64)) @ Q.T
 
 
 _rng = np.random.default_rng(0)

@@ -12,13 +12,6 @@ from hesse.operators.base import LinearOperator
 P = 50
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small dense products run far faster single-threaded on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 A = torch.diag(torch.linspace(1, 2, P, dtype=torch.float64))
 
 

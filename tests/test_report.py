@@ -89,7 +89,8 @@ def test_interpretation_names_verdicts_and_outliers():
             "density": {"ritz_values": [[-2.0, 0.5, 9.0]], "weights": [[0.2, 0.7, 0.1]], "grid": [-3.0, 10.0]},
             "stability": {"lr": 0.2, "gd_threshold": 10.0, "top_eigenvalue": 9.0, "gd_ratio": 0.9,
                           "gd_verdict": "edge of stability", "sgd_threshold": 10.0, "trace": 20.0,
-                          "trace_stderr": 1.0, "sgd_ratio": 2.0, "sgd_verdict": "violated"},
+                          "trace_stderr": 1.0, "batch_size": 1, "sgd_quantity": 20.0, "sgd_ratio": 2.0,
+                          "sgd_verdict": "violated"},
         },
     }
     texts = interpret(report)
@@ -97,3 +98,40 @@ def test_interpretation_names_verdicts_and_outliers():
     assert "0.2222" in texts["eigenvalues"]  # the largest stable lr, 2 / 9
     assert "2 outliers" in texts["density"] and "20%" in texts["density"]
     assert "edge of stability" in texts["stability"] and "violated" in texts["stability"]
+    assert "batch size 1" in texts["stability"] and "assumed" not in texts["stability"]
+
+
+def _stability_report(batch_size: int, source: str) -> dict:
+    quantity = 20.0 / batch_size + (1 - 1 / batch_size) * 9.0
+    return {
+        "model": {"description": "net", "num_parameters": 100},
+        "data": {"description": "data", "num_samples": 10},
+        "curvature": {"kind": "hessian"}, "loss": 0.5, "gradient_norm": 0.1, "outliers": None,
+        "settings": {"train_batch_size": batch_size, "train_batch_size_source": source},
+        "matvecs": {"total": 10}, "timings_s": {"total": 1.0},
+        "results": {"stability": {
+            "lr": 0.2, "momentum": 0.0, "batch_size": batch_size, "gd_threshold": 10.0, "top_eigenvalue": 9.0,
+            "gd_ratio": 0.9, "gd_verdict": "edge of stability", "sgd_threshold": 10.0, "trace": 20.0,
+            "trace_stderr": 1.0, "sgd_quantity": quantity, "sgd_ratio": quantity / 10.0,
+            "sgd_verdict": "satisfied" if quantity <= 10 else "violated"}},
+    }
+
+
+def test_stability_texts_use_the_training_batch_size():
+    from hesse.report import summary_rows
+    from hesse.report.plots import stability_plot
+
+    batched = _stability_report(32, "example training")  # 20/32 + (31/32) 9 = 9.34375
+    text = interpret(batched)["stability"]
+    assert "B = 32" in text and "tr/B + (1−1/B)·λ₁ = 9.344" in text and "satisfied" in text
+    assert "equal per-sample gradient norms" in text and "assumed" not in text
+    rows = dict(summary_rows(batched))
+    assert rows["SGD stability (lr=0.2, B=32)"] == f"(tr/B + (1−1/B)λ₁)/(2/lr) = {0.934375:.5g}: satisfied"
+    assert stability_plot(batched["results"]["stability"])  # draws the B=32 bars
+
+    assumed = _stability_report(1, "assumed")
+    text = interpret(assumed)["stability"]
+    assert "trace < 2/lr" in text and "violated" in text and "batch size 1 was assumed" in text
+    rows = dict(summary_rows(assumed))
+    assert rows["SGD stability (lr=0.2, B=1 assumed)"] == "trace/(2/lr) = 2: violated"
+    assert stability_plot(assumed["results"]["stability"])

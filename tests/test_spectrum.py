@@ -13,26 +13,12 @@ from hesse.analysis import (
     per_layer,
     stability,
 )
-from hesse.errors import NotConvergedWarning
+from hesse.errors import HesseError, NotConvergedWarning
 from hesse.linalg import eigenvalues, trace
 from hesse.operators.base import BlockDiagonalOperator, DenseOperator
+from tests.conftest import sym_matrix
 
 P = 400
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small dense products run far faster single-threaded on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def sym_matrix(lams, seed=0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(len(lams), len(lams), generator=g, dtype=torch.float64))
-    return (Q * torch.as_tensor(lams, dtype=torch.float64)) @ Q.T
 
 
 _rng = np.random.default_rng(0)
@@ -170,6 +156,51 @@ def test_stability_verdicts():
     assert calm.gd_threshold == pytest.approx(3 / calm.lr)
     json.dumps(calm.to_dict())
     assert "GD :" in repr(calm)
+    assert calm.batch_size == 1 and calm.sgd_quantity == pytest.approx(calm.trace)  # B=1: Wu & Su's tr(H)
+
+
+def test_stability_batch_size_closed_form():
+    # diagonal spectrum: lambda_max = 10, tr = 10 + 20*2 = 50; Hutch++ with 3*20 > P probes is exact
+    lam, tr = 10.0, 50.0
+    op = DenseOperator(torch.diag(torch.tensor([lam] + [2.0] * 20, dtype=torch.float64)))
+    common = dict(trace_budget=99, progress=False)
+    one = stability(op, lr=0.1, **common)  # threshold 2/lr = 20
+    assert one.sgd_threshold == pytest.approx(20.0) and one.trace == pytest.approx(tr, rel=1e-8)
+    assert one.sgd_quantity == pytest.approx(tr, rel=1e-8) and one.sgd_ratio == pytest.approx(2.5, rel=1e-8)
+    assert one.sgd_verdict.startswith("violated") and "batch size 1" in one.sgd_verdict
+    eight = stability(op, lr=0.1, batch_size=8, **common)  # 50/8 + (7/8) 10 = 15
+    assert eight.batch_size == 8 and eight.sgd_quantity == pytest.approx(15.0, rel=1e-8)
+    assert eight.sgd_ratio == pytest.approx(0.75, rel=1e-8) and eight.sgd_threshold == pytest.approx(20.0)
+    assert eight.sgd_verdict.startswith("satisfied") and "batch size 8" in eight.sgd_verdict
+    assert eight.top_eigenvalue == one.top_eigenvalue and eight.gd_ratio == one.gd_ratio  # GD part unchanged
+    huge = stability(op, lr=0.1, batch_size=10**9, **common)  # B -> infinity: the GD condition lambda_max <= 2/lr
+    assert huge.sgd_quantity == pytest.approx(lam, rel=1e-6) and huge.sgd_ratio == pytest.approx(huge.gd_ratio, rel=1e-6)
+    d = eight.to_dict()
+    assert d["batch_size"] == 8 and d["sgd_quantity"] == pytest.approx(15.0)
+    json.dumps(d)
+    assert "SGD (B=8)" in repr(eight)
+    with pytest.raises(HesseError):
+        stability(op, lr=0.1, batch_size=0, progress=False)
+    with pytest.raises(HesseError):
+        stability(op, lr=0.1, batch_size=2.5, progress=False)
+
+
+@pytest.mark.parametrize("B", [1, 4, 32])
+def test_stability_batch_size_matches_mean_square_dynamics(B):
+    """With equal per-sample gradient norms the formula is exact: E[(I - lr H_B)^2] has spectral
+    radius <= 1 exactly when tr/B + (1-1/B) lambda_max <= 2/lr."""
+    rng = np.random.default_rng(B)
+    n, d = 40, 12
+    G = rng.normal(size=(n, d)) * np.linspace(3, 0.3, d)  # anisotropic per-sample gradients g_i
+    G *= 1.5 / np.linalg.norm(G, axis=1, keepdims=True)  # equal norms ||g_i||^2 = 2.25 = tr(H)
+    H = G.T @ G / n
+    Hi2 = sum(np.outer(g, g) @ np.outer(g, g) for g in G) / n  # E[H_i^2]
+    EHB2 = (1 - 1 / B) * H @ H + Hi2 / B  # mini-batch of B samples drawn with replacement
+    res = stability(DenseOperator(torch.tensor(H)), lr=1.0, batch_size=B, trace_budget=99, progress=False)
+    critical = 2 / res.sgd_quantity  # the lr at which sgd_ratio == 1
+    for lr, stable in ((0.97 * critical, True), (1.03 * critical, False)):
+        M = np.eye(d) - 2 * lr * H + lr**2 * EHB2
+        assert (np.linalg.eigvalsh(M).max() <= 1 + 1e-12) == stable
 
 
 def test_batch_size_sharpness_decreases_with_batch_size():

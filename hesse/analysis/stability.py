@@ -4,10 +4,12 @@
   Networks Typically Occurs at the Edge of Stability"): along the top eigenvector, GD with
   step ``lr`` (heavy-ball momentum ``beta``) is stable iff ``lambda_max <= (2 + 2 beta) / lr``.
 * SGD (Wu & Su 2023, "The Implicit Regularization of Dynamical Stability in SGD"): a global
-  minimum that is linearly stable for SGD must have ``tr(H) <= 2 / lr`` (a necessary
-  condition, derived for a mean-reduced loss at an interpolating minimum with single-sample
-  batches; larger batches reduce the gradient noise and relax it, so read it as a bound for
-  small-batch SGD).
+  minimum that is linearly stable for SGD with single-sample batches must have
+  ``tr(H) <= 2 / lr`` (a necessary condition, derived for a mean-reduced loss at an
+  interpolating minimum). For training batch size ``B`` :func:`stability` uses the
+  mini-batch form ``tr(H)/B + (1 - 1/B) lambda_max <= 2 / lr``, which is exactly Wu & Su's
+  condition at ``B = 1`` and tends to the GD condition ``lambda_max <= 2 / lr`` as ``B``
+  grows (derivation and assumptions in :func:`stability`).
 * Batch size (Granziol et al. 2022, "Learning Rates as a Function of Batch Size: A Random
   Matrix Theory Approach"): the top eigenvalue of a mini-batch Hessian exceeds the
   full-batch one, by a fluctuation term shrinking with the batch size ``B``; the largest
@@ -38,6 +40,7 @@ class StabilityResult(_ResultMixin):
 
     lr: float
     momentum: float
+    batch_size: int
     gd_threshold: float
     top_eigenvalue: float
     top_converged: bool
@@ -46,6 +49,7 @@ class StabilityResult(_ResultMixin):
     sgd_threshold: float
     trace: float
     trace_stderr: float
+    sgd_quantity: float
     sgd_ratio: float
     sgd_verdict: str
     matvecs: int
@@ -55,7 +59,8 @@ class StabilityResult(_ResultMixin):
             f"StabilityResult(lr={_fmt(self.lr)}:\n"
             f"  GD : lambda_max={_fmt(self.top_eigenvalue)} vs {_fmt(self.gd_threshold)} "
             f"(ratio {self.gd_ratio:.3f}) -> {self.gd_verdict}\n"
-            f"  SGD: trace={_fmt(self.trace)} +- {_fmt(self.trace_stderr)} vs {_fmt(self.sgd_threshold)} "
+            f"  SGD (B={self.batch_size}): tr/B + (1-1/B) lambda_max={_fmt(self.sgd_quantity)} "
+            f"(trace={_fmt(self.trace)} +- {_fmt(self.trace_stderr)}) vs {_fmt(self.sgd_threshold)} "
             f"(ratio {self.sgd_ratio:.3f}) -> {self.sgd_verdict}\n  matvecs={self.matvecs})"
         )
 
@@ -68,18 +73,22 @@ def _gd_verdict(ratio: float) -> str:
     return "stable"
 
 
-def _sgd_verdict(estimate: float, stderr: float, threshold: float) -> str:
+def _sgd_verdict(estimate: float, stderr: float, threshold: float, batch_size: int) -> str:
+    quantity = "trace" if batch_size == 1 else "tr/B + (1-1/B) lambda_max"
     if estimate - 2 * stderr > threshold:
-        return "violated: trace above 2/lr, not a linearly stable minimum for small-batch SGD (larger batches relax this)"
+        return (f"violated: {quantity} above 2/lr at batch size {batch_size}, not a linearly stable minimum "
+                "for SGD" + (" (larger batches relax this)" if batch_size == 1 else ""))
     if estimate + 2 * stderr <= threshold:
-        return "satisfied: trace below 2/lr (necessary, not sufficient, for SGD stability)"
-    return "uncertain: 2/lr lies within two standard errors of the trace estimate"
+        return (f"satisfied: {quantity} below 2/lr at batch size {batch_size} "
+                "(necessary, not sufficient, for SGD stability)")
+    return f"uncertain: 2/lr lies within two standard errors of {quantity} at batch size {batch_size}"
 
 
 def stability(
     op,
     lr: float,
     *,
+    batch_size: int = 1,
     momentum: float = 0.0,
     tol: float = 1e-4,
     trace_budget: int = 99,
@@ -88,25 +97,61 @@ def stability(
     check_symmetric: bool = True,
     progress: bool = True,
 ) -> StabilityResult:
-    """Compare ``lambda_max`` with ``(2 + 2 momentum)/lr`` (GD) and ``tr(H)`` with ``2/lr`` (SGD).
+    """Compare ``lambda_max`` with ``(2 + 2 momentum)/lr`` (GD) and ``tr(H)/B + (1-1/B) lambda_max`` with ``2/lr`` (SGD).
 
-    Ratios above 1 mean the threshold is exceeded. The SGD verdict accounts for the
-    trace estimate's standard error (two-sigma rule).
+    ``batch_size`` is the batch size ``B`` the model was (or will be) trained with; it only
+    enters the SGD check. Ratios above 1 mean the threshold is exceeded. The SGD verdict
+    accounts for the trace estimate's standard error (two-sigma rule, on ``stderr / B``;
+    the error of ``lambda_max`` is ignored, it is far smaller).
+
+    SGD condition. Near an interpolating minimum ``theta*`` (every per-sample gradient
+    vanishes) an SGD step on the linearised dynamics is ``d <- (I - lr H_B) d`` with the
+    mini-batch Hessian ``H_B = (1/B) sum_{i in batch} H_i`` (``H = E[H_i]``, samples drawn
+    with replacement). Mean-square stability asks that ``E[(I - lr H_B)^2]`` does not
+    expand, and::
+
+        E[(I - lr H_B)^2] = I - 2 lr H + lr^2 [(1 - 1/B) H^2 + (1/B) E(H_i^2)].
+
+    With ``H_i = g_i g_i^T`` (interpolation with MSE, or the Gauss-Newton part of the
+    Hessian) and per-sample gradient norms all close to their mean,
+    ``||g_i||^2 ~ E||g_i||^2 = tr(H)``, one gets ``E[H_i^2] = E[||g_i||^2 g_i g_i^T] ~ tr(H) H``.
+    The matrix is then diagonal in the eigenbasis of ``H``, with value
+    ``1 - lr lambda (2 - lr (tr(H)/B + (1 - 1/B) lambda))`` for eigenvalue ``lambda``;
+    the top eigenvector is the most restrictive, so stability needs::
+
+        tr(H)/B + (1 - 1/B) lambda_max <= 2 / lr.
+
+    At ``B = 1`` this is exactly Wu & Su's (2023) condition ``tr(H) <= 2/lr``; as
+    ``B -> infinity`` it becomes the GD condition ``lambda_max <= 2/lr``. For ``B > 1`` it
+    is an approximation resting on the equal-norm assumption ``E[H_i^2] ~ tr(H) H``: if
+    the samples with large gradients also dominate the top direction, ``E[H_i^2]`` is
+    larger and the true condition stricter. Momentum is not taken into account here.
+    Read it, like Wu & Su's, as a necessary condition for a minimum that SGD can stay at,
+    not a sufficient one.
+
+    Result: ``sgd_threshold = 2/lr``, ``sgd_quantity = tr/B + (1 - 1/B) lambda_max``,
+    ``sgd_ratio = sgd_quantity / sgd_threshold``.
     """
     check_positive("lr", lr)
+    check_positive("batch_size", batch_size, integer=True)
     if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
         raise HesseError(f"momentum must be in [0, 1), got {momentum!r}.")
+    batch_size = int(batch_size)
     top = eigenvalues(op, k=1, which="largest", tol=tol, seed=seed,
                       check_symmetric=check_symmetric, progress=progress)
     tr = trace(op, trace_method, budget=trace_budget, seed=seed, check_symmetric=False, progress=progress)
     gd_threshold, sgd_threshold = (2 + 2 * momentum) / lr, 2 / lr
     lam = float(top.values[0])
-    gd_ratio, sgd_ratio = lam / gd_threshold, tr.estimate / sgd_threshold
+    sgd_quantity = tr.estimate / batch_size + (1 - 1 / batch_size) * lam
+    sgd_stderr = tr.stderr / batch_size
+    gd_ratio, sgd_ratio = lam / gd_threshold, sgd_quantity / sgd_threshold
     return StabilityResult(
-        lr=float(lr), momentum=float(momentum), gd_threshold=gd_threshold, top_eigenvalue=lam,
-        top_converged=bool(top.converged[0]), gd_ratio=gd_ratio, gd_verdict=_gd_verdict(gd_ratio),
-        sgd_threshold=sgd_threshold, trace=tr.estimate, trace_stderr=tr.stderr, sgd_ratio=sgd_ratio,
-        sgd_verdict=_sgd_verdict(tr.estimate, tr.stderr, sgd_threshold), matvecs=top.matvecs + tr.matvecs,
+        lr=float(lr), momentum=float(momentum), batch_size=batch_size, gd_threshold=gd_threshold,
+        top_eigenvalue=lam, top_converged=bool(top.converged[0]), gd_ratio=gd_ratio,
+        gd_verdict=_gd_verdict(gd_ratio), sgd_threshold=sgd_threshold, trace=tr.estimate,
+        trace_stderr=tr.stderr, sgd_quantity=sgd_quantity, sgd_ratio=sgd_ratio,
+        sgd_verdict=_sgd_verdict(sgd_quantity, sgd_stderr, sgd_threshold, batch_size),
+        matvecs=top.matvecs + tr.matvecs,
     )
 
 

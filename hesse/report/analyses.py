@@ -34,6 +34,7 @@ class AnalysisSettings:
     probes: int = 3
     layer_probes: int = 16
     lr: float | None = None
+    train_batch_size: int = 1  # the training batch size B of the SGD stability check
     seed: int = 0
     layer_blocks: Any = "module"
 
@@ -43,6 +44,9 @@ class AnalysisSettings:
             raise HesseError(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}.")
         if "stability" in self.analyses and self.lr is None:
             raise HesseError("the stability analysis needs the training learning rate; pass --lr 0.1 (say).")
+        if isinstance(self.train_batch_size, bool) or not isinstance(self.train_batch_size, int) \
+                or self.train_batch_size < 1:
+            raise HesseError(f"train_batch_size must be a positive integer, got {self.train_batch_size!r}.")
 
 
 @dataclass
@@ -75,7 +79,8 @@ def _analysis_calls(op, s: AnalysisSettings, progress: bool) -> dict[str, Callab
             op, by=s.layer_blocks, tol=s.tol, max_steps=s.lanczos_steps, trace_probes=s.layer_probes,
             seed=s.seed, progress=progress,
         ),
-        "stability": lambda: stability(op, s.lr, tol=s.tol, trace_budget=s.budget, seed=s.seed, progress=progress),
+        "stability": lambda: stability(op, s.lr, batch_size=s.train_batch_size, tol=s.tol, trace_budget=s.budget,
+                                       seed=s.seed, progress=progress),
         "landscape": lambda: loss_landscape(
             op.model, op.criterion, op.data, directions="random", dims=2, steps=LANDSCAPE_STEPS,
             params=op.param_names, forward=op.forward, seed=s.seed, progress=progress,

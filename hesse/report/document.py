@@ -107,8 +107,11 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         st = results["stability"]
         rows.append((f"GD stability (lr={st['lr']:g})",
                      f"λ₁/threshold = {g(st['gd_ratio'])}: {st['gd_verdict'].split(':')[0]}"))
-        rows.append((f"SGD stability (lr={st['lr']:g})",
-                     f"trace/(2/lr) = {g(st['sgd_ratio'])}: {st['sgd_verdict'].split(':')[0]}"))
+        B = st.get("batch_size", 1)
+        assumed = (report.get("settings") or {}).get("train_batch_size_source") == "assumed"
+        quantity = "trace" if B == 1 else "(tr/B + (1−1/B)λ₁)"
+        rows.append((f"SGD stability (lr={st['lr']:g}, B={B}{' assumed' if assumed else ''})",
+                     f"{quantity}/(2/lr) = {g(st['sgd_ratio'])}: {st['sgd_verdict'].split(':')[0]}"))
     if "sharpness" in results:
         rows.append(("sharpness (worst / average)",
                      f"{g(results['sharpness']['worst']['value'])} / {g(results['sharpness']['average']['value'])}"))

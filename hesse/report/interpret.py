@@ -136,14 +136,33 @@ def per_layer(report: dict) -> str:
 
 def stability(report: dict) -> str:
     st = report["results"]["stability"]
-    return (
+    B = st.get("batch_size", 1)
+    quantity = st.get("sgd_quantity", st["trace"])
+    text = (
         f"At learning rate {_g(st['lr'])}: gradient descent is stable along the top eigenvector only if "
         f"λ₁ < (2+2·momentum)/lr = {_g(st['gd_threshold'])}; here λ₁ = {_g(st['top_eigenvalue'])} "
         f"(ratio {_g(st['gd_ratio'])}) → {st['gd_verdict']}. Training at the edge of stability means "
-        f"the ratio sits near 1 (Cohen et al. 2021). For SGD, a minimum can only be stable if "
-        f"trace < 2/lr = {_g(st['sgd_threshold'])}; here trace = {_g(st['trace'])} ± {_g(st['trace_stderr'])} "
-        f"(ratio {_g(st['sgd_ratio'])}) → {st['sgd_verdict']}."
+        f"the ratio sits near 1 (Cohen et al. 2021). "
     )
+    if B == 1:
+        text += (
+            f"For SGD with batch size 1, a minimum can only be stable if trace < 2/lr = "
+            f"{_g(st['sgd_threshold'])} (Wu & Su 2023); here trace = {_g(st['trace'])} ± "
+            f"{_g(st['trace_stderr'])} (ratio {_g(st['sgd_ratio'])}) → {st['sgd_verdict']}."
+        )
+    else:
+        text += (
+            f"For SGD with batch size B = {B}, a minimum can only be stable if tr/B + (1−1/B)·λ₁ < 2/lr = "
+            f"{_g(st['sgd_threshold'])}: Wu & Su's (2023) trace condition at B = 1, the GD condition "
+            f"λ₁ < 2/lr for large B, and in between an approximation that assumes equal per-sample "
+            f"gradient norms. Here trace = {_g(st['trace'])} ± {_g(st['trace_stderr'])}, so "
+            f"tr/B + (1−1/B)·λ₁ = {_g(quantity)} (ratio {_g(st['sgd_ratio'])}) → {st['sgd_verdict']}."
+        )
+    if (report.get("settings") or {}).get("train_batch_size_source") == "assumed":
+        text += (" The training batch size was not given, so batch size 1 was assumed, the strictest case; "
+                 "pass --train-batch-size with the batch size the model was trained with, as larger "
+                 "batches relax the SGD condition.")
+    return text
 
 
 def landscape(report: dict) -> str:

@@ -87,11 +87,19 @@ def per_layer_plot(names: list[str], values: list[float], errors: list[float] | 
 
 
 def stability_plot(stability: dict) -> str:
-    """Two bar pairs: λ_max vs (2+2 momentum)/lr (GD) and trace vs 2/lr (SGD)."""
+    """Two bar pairs: λ_max vs (2+2 momentum)/lr (GD) and tr/B + (1−1/B)λ₁ vs 2/lr (SGD at batch size B)."""
+    B = stability.get("batch_size", 1)
+    sgd_stderr = stability["trace_stderr"]
+    if B == 1:
+        sgd = ("SGD (B=1): trace vs 2/lr", stability.get("sgd_quantity", stability["trace"]), sgd_stderr)
+    else:
+        sgd = (f"SGD (B={B}): tr/B + (1−1/B)λ₁ vs 2/lr", stability.get("sgd_quantity"),
+               None if sgd_stderr is None else sgd_stderr / B)
+
     def draw(ax: plt.Axes) -> None:
         groups = [
             ("GD: λ_max vs (2+2β)/lr", stability["top_eigenvalue"], stability["gd_threshold"], None),
-            ("SGD: trace vs 2/lr", stability["trace"], stability["sgd_threshold"], stability["trace_stderr"]),
+            (sgd[0], sgd[1], stability["sgd_threshold"], sgd[2]),
         ]
         x = np.arange(len(groups))
         measured = _floats([g[1] for g in groups])
@@ -103,6 +111,10 @@ def stability_plot(stability: dict) -> str:
         ax.set_xticklabels([g[0] for g in groups])
         ax.set_ylabel("value")
         ax.set_title("stability at the given learning rate")
+        tops = np.concatenate([measured + np.nan_to_num(errors), thresholds])
+        if np.isfinite(tops).any() and np.nanmax(tops) > 0:
+            lows = np.concatenate([measured - np.nan_to_num(errors), [0.0]])
+            ax.set_ylim(1.1 * np.nanmin(lows), 1.3 * np.nanmax(tops))  # headroom for the legend
         ax.legend(fontsize=8)
 
     return _png(draw)
