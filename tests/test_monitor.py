@@ -18,7 +18,6 @@ import hesse.linalg
 from hesse.analysis.monitor import SharpnessMonitor
 from hesse.errors import HesseError
 from tests.conftest import TanhMLP
-from tests.test_landscape import one_thread  # noqa: F401
 
 
 def _problem(seed: int = 0):

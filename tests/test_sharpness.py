@@ -11,7 +11,7 @@ import hesse
 import hesse.linalg
 from hesse.analysis.sharpness import MEASURES, sharpness
 from hesse.errors import HesseError
-from tests.test_landscape import one_thread, assert_identical, quad_loss, quadratic_problem, snapshot  # noqa: F401
+from tests.test_landscape import assert_identical, quad_loss, quadratic_problem, snapshot
 
 
 def test_worst_case_l2_at_a_minimum_is_rho_squared_lambda_max_over_two():
