@@ -165,3 +165,13 @@ def test_exact_hessian_of_small_tanh_mlp():
     np.testing.assert_allclose(top.values.numpy(), exact[::-1][:3], rtol=1e-3)
     np.testing.assert_allclose(bottom.values.numpy(), exact[:2], rtol=1e-3)
     assert exact[0] < 0  # a saddle: negative curvature is found
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_warm_start_in_a_wrong_invariant_subspace_still_finds_the_top(method):
+    """A start spanned by eigenvectors that miss the top one must not return a wrong 'top'."""
+    A = torch.diag(torch.tensor([10.0, 5, 4, 3] + [1.0] * 96, dtype=torch.float64))
+    v0 = torch.zeros(100, dtype=torch.float64)
+    v0[1:4] = 1.0
+    res = eigenvalues(A, k=1, v0=v0, method=method, progress=False)
+    assert abs(float(res.values[0]) - 10.0) < 1e-3 and bool(res.converged[0])

@@ -329,3 +329,35 @@ def test_regression_losses_with_automatic_method(crit):
     V = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=torch.float64)
     assert rel_err(hesse.Hessian(model, crit, batches) @ V, dense_hessian(model, crit, X, Y) @ V) < 1e-8
     assert rel_err(hesse.GGN(model, crit, batches) @ V, dense_ggn(model, crit, X, Y) @ V) < 1e-8
+
+
+def test_ignored_targets_do_not_bias_the_weighting():
+    """CrossEntropyLoss averages over kept targets only; batches are weighted the same way."""
+    torch.manual_seed(10)
+    model = TanhMLP().double()
+    X, y = torch.randn(11, 6, dtype=torch.float64), torch.randint(0, 4, (11,))
+    y[[2, 9, 10]] = -100
+    crit = nn.CrossEntropyLoss()
+    batches = uneven_batches(X, y, [8, 3])
+    H = hesse.Hessian(model, crit, batches)
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64)
+    assert rel_err(H @ V, dense_hessian(model, crit, X, y) @ V) < 1e-10
+    assert abs(H.loss() - float(crit(model(X), y).detach())) < 1e-12
+    assert H.num_samples == 8
+
+
+def test_tuple_output_needs_a_forward_hook(mlp_problem):
+    model, crit, X, y, batches = mlp_problem
+
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x), x
+
+    with pytest.raises(hesse.HesseError, match="returned a tuple.*forward="):
+        hesse.Hessian(TwoOutputs(), crit, batches).loss()
+    hook = lambda m, b: (m(b[0])[0], b[1])
+    assert abs(hesse.Hessian(TwoOutputs(), crit, batches, forward=hook).loss() - float(crit(model(X), y).detach())) < 1e-12

@@ -93,8 +93,10 @@ def eigenvalues(
     if ncv < k + 2 * b and ncv < P:
         raise HesseError(f"ncv={ncv} is too small for k={k}, block_size={b}; use ncv >= {k + 2 * b}.")
     max_matvecs = max_matvecs if max_matvecs is not None else 2000 + 100 * k
-    V0 = _check_v0(v0, op)
     gen = torch.Generator().manual_seed(seed)
+    V0 = _check_v0(v0, op)
+    if V0 is not None:
+        V0 = _perturb_start(V0, gen, op)
 
     with make_progress(None, f"eigenvalues ({method})", progress) as bar:
         if ncv >= P or k + 2 * b > P:
@@ -154,6 +156,23 @@ def _threshold(theta: np.ndarray, anorm: float, tol: float, dtype: torch.dtype) 
 
 def _random_block(P: int, m: int, gen: torch.Generator, op: LinearOperator) -> torch.Tensor:
     return torch.randn(P, m, generator=gen, dtype=torch.float64).to(op.dtype).to(op.device)
+
+
+WARM_START_NOISE = 1e-2
+
+
+def _perturb_start(V0: torch.Tensor, gen: torch.Generator, op: LinearOperator) -> torch.Tensor:
+    """Mix a little randomness (relative weight 1e-2) into a warm start.
+
+    A start vector inside an invariant subspace that misses the wanted eigenvectors (an
+    exact eigenvector of the wrong eigenvalue, a vector living on one block) would give a
+    converged but wrong answer. The noise makes every eigenvector reachable, and keeps the
+    first residual large enough that a wrong start is never accepted; a good start still
+    converges in a few products.
+    """
+    V = V0 / V0.norm(dim=0, keepdim=True).clamp_min(torch.finfo(V0.dtype).tiny)
+    R = _random_block(op.size, V.shape[1], gen, op)
+    return V + WARM_START_NOISE * R / R.norm(dim=0, keepdim=True)
 
 
 def _dense(op: LinearOperator, k: int, which: str, bar) -> EigenResult:

@@ -190,7 +190,7 @@ def _hutchpp(op, budget, distribution, gen, chunk_size, bar) -> TraceResult:
     return TraceResult(exact + (est if rest.numel() else 0.0), err, s + done, "hutch++", interrupted)
 
 
-def _leave_one_out(Omega: torch.Tensor, Y: torch.Tensor):
+def _leave_one_out(Omega: torch.Tensor, Y: torch.Tensor, alternative: str):
     """Shared XTrace/XDiag quantities: ``Q, R`` of ``Y = A Omega``, ``W = Q^T Omega`` and the
     unit vectors ``s_i ~ R^{-T} e_i`` with ``Q s_i`` orthogonal to all columns of ``Y`` but ``i``."""
     Q, R = _orthonormal_basis(Y)
@@ -198,7 +198,7 @@ def _leave_one_out(Omega: torch.Tensor, Y: torch.Tensor):
     if float(diag.min()) <= 1e-12 * float(diag.max()):
         raise HesseError(
             "the sketch A @ probes is rank deficient (the operator has rank below budget/2); "
-            "use method='hutch++' (exact for low rank) or a smaller budget."
+            f"use {alternative} or a smaller budget."
         )
     eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
     Rinv_T = torch.linalg.solve_triangular(R, eye, upper=True).T
@@ -214,7 +214,7 @@ def _xtrace(op, budget, distribution, gen, chunk_size, bar) -> TraceResult:
     Y, interrupted = _chunks_until_interrupt(op, Omega, chunk_size, bar)
     if interrupted:
         return _fallback_hutchinson(op, Omega, Y, "xtrace", Y.shape[1])
-    Q, R, W, S = _leave_one_out(Omega, Y)
+    Q, R, W, S = _leave_one_out(Omega, Y, "method='hutch++' (exact for low rank)")
     Z, interrupted = _chunks_until_interrupt(op, Q.to(op.dtype), chunk_size, bar)
     if interrupted:
         return _fallback_hutchinson(op, Omega, Y, "xtrace", m + Z.shape[1])
@@ -309,7 +309,7 @@ def _xdiag(op, budget, distribution, gen, chunk_size, bar) -> DiagonalResult:
     Omega = probes(op.size, m, distribution, gen, op)
     Y, interrupted = _chunks_until_interrupt(op, Omega, chunk_size, bar)
     if not interrupted:
-        Q, R, _, S = _leave_one_out(Omega, Y)
+        Q, R, _, S = _leave_one_out(Omega, Y, "method='exact' or 'hutchinson'")
         Z, interrupted = _chunks_until_interrupt(op, Q.to(op.dtype), chunk_size, bar)
     if interrupted:  # Hutchinson on the sketch probes that finished
         n = Y.shape[1]

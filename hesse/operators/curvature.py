@@ -32,7 +32,7 @@ from hesse.operators.data import (
     all_reduce_sum,
     batch_checksum,
     default_forward,
-    default_num_samples,
+    sample_counter,
     to_device,
 )
 
@@ -148,7 +148,7 @@ class CurvatureOperator(LinearOperator):
         self.criterion = criterion
         self.data = DataSource(data)
         self.forward = forward or default_forward
-        self.num_samples_fn = num_samples or default_num_samples
+        self.num_samples_fn = sample_counter(criterion, num_samples)
         self.reduction = reduction or getattr(criterion, "reduction", "mean")
         if self.reduction not in ("mean", "sum"):
             raise HesseError(
@@ -320,7 +320,7 @@ class CurvatureOperator(LinearOperator):
             batch = to_device(batch, self.device)
             n = int(self.num_samples_fn(batch))
             if n <= 0:
-                raise HesseError("a batch has no samples; drop empty batches from the data.")
+                raise HesseError("a batch has no samples (or all its targets are ignore_index); drop such batches from the data.")
             weight = float(n) if self.reduction == "mean" else 1.0
             # fused attention kernels have no forward-mode or second derivatives
             with sdpa_kernel(SDPBackend.MATH):

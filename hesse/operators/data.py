@@ -95,6 +95,11 @@ def default_forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Any]:
     output = getattr(output, "logits", output)
     if isinstance(output, Mapping) and "logits" in output:
         output = output["logits"]
+    if isinstance(output, (tuple, list)):
+        raise HesseError(
+            f"the model returned a {type(output).__name__} of {len(output)} items, not a tensor; pass "
+            "forward=lambda model, batch: (model(batch[0])[0], batch[1]) to pick the output to use."
+        )
     return output, target
 
 
@@ -109,6 +114,28 @@ def default_num_samples(batch: Batch) -> int:
     while not isinstance(first, torch.Tensor):
         first = next(iter(first.values())) if isinstance(first, Mapping) else first[0]
     return int(first.shape[0]) if first.ndim > 0 else 1
+
+
+def sample_counter(criterion: Any, num_samples: Callable[[Batch], int] | None = None) -> Callable[[Batch], int]:
+    """How to count a batch's samples for sample weighting.
+
+    ``num_samples`` if given; for a criterion with an ``ignore_index`` (cross-entropy, NLL)
+    the targets that are not ignored, since the mean runs over those only; otherwise
+    :func:`default_num_samples`.
+    """
+    if num_samples is not None:
+        return num_samples
+    ignore_index = getattr(criterion, "ignore_index", None)
+    if ignore_index is None:
+        return default_num_samples
+
+    def count_kept_targets(batch: Batch) -> int:
+        target = batch.get("labels") if isinstance(batch, Mapping) else batch[1]
+        if isinstance(target, torch.Tensor) and not target.dtype.is_floating_point:
+            return int((target != ignore_index).sum())
+        return default_num_samples(batch)
+
+    return count_kept_targets
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
