@@ -216,14 +216,14 @@ def test_interpolation_batchnorm_options(cnn_problem):
     recompute = interpolate(model_a, model_b, crit, batches, steps=3, batchnorm="recompute", progress=False)
     assert inter.loss[-1] == pytest.approx(loss_b, rel=1e-12)  # t = 1 is model B, statistics included
     assert keep.loss[0] == pytest.approx(inter.loss[0], rel=1e-12) and keep.loss[-1] != pytest.approx(loss_b)
-    # recompute: the statistics at t = 1 are B's weights' exact statistics on the data
+    # recompute: the statistics at t = 1 are B's weights' exact statistics on all the data
+    # (one train-mode pass over the whole dataset, however the data is batched)
     ref = _bn_model(1, X)
     ref.bn.reset_running_stats()
     ref.bn.momentum = None
     ref.train()
     with torch.no_grad():
-        for xb, _ in batches:
-            ref(xb)
+        ref(X)
         ref.eval()
         expected = float(crit(ref(X), y))
     assert recompute.loss[-1] == pytest.approx(expected, rel=1e-10)
@@ -252,3 +252,93 @@ def test_save_load_and_plots(tmp_path, mlp_problem):
         line.plot("contour")
     with pytest.raises(HesseError, match="dims"):
         loss_landscape(model, crit, batches, directions=[torch.zeros(1)], dims=2)
+
+
+def _bn_mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_recomputed_batchnorm_statistics_do_not_depend_on_the_batch_split():
+    torch.manual_seed(0)
+    X, y = torch.randn(10, 4, dtype=torch.float64) * 2 + 1, torch.randint(0, 3, (10,))
+    model_a, model_b = _bn_mlp(1), _bn_mlp(2)
+    crit = nn.CrossEntropyLoss()
+    run = lambda sizes: interpolate(model_a, model_b, crit, uneven_batches(X, y, sizes), steps=3,  # noqa: E731
+                                    batchnorm="recompute", progress=False).loss
+    one, a, b, single = run([10]), run([8, 2]), run([5, 5]), run([9, 1])  # a batch of one sample too
+    np.testing.assert_allclose(a, one, rtol=1e-12)
+    np.testing.assert_allclose(b, one, rtol=1e-12)
+    np.testing.assert_allclose(single, one, rtol=1e-12)
+    # reference at t = 1: B with the full-data mean and unbiased variance of the BatchNorm input
+    ref = _bn_mlp(2)
+    with torch.no_grad():
+        h = ref[0](X)
+        ref[1].running_mean.copy_(h.mean(0))
+        ref[1].running_var.copy_(h.var(0, unbiased=True))
+        expected = float(crit(ref(X), y))
+    assert one[-1] == pytest.approx(expected, rel=1e-12)
+
+
+def _sum_problem():
+    torch.manual_seed(0)
+    model = TanhMLP().double()
+    X, y = torch.randn(13, 6, dtype=torch.float64), torch.randint(0, 4, (13,))
+    crit = lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum")  # noqa: E731
+    return model, crit, X, y, uneven_batches(X, y, [8, 5])
+
+
+def test_reduction_sum_for_a_plain_function_criterion():
+    import hesse
+
+    model, crit, X, y, batches = _sum_problem()
+    with torch.no_grad():
+        true = float(crit(model(X), y))
+    assert hesse.Hessian(model, crit, batches, reduction="sum").loss() == pytest.approx(true, rel=1e-12)
+    land = loss_landscape(model, crit, batches, steps=3, reduction="sum", progress=False)
+    assert land.base_loss == pytest.approx(true, rel=1e-12)
+    path = interpolate(model, model, crit, batches, steps=2, reduction="sum", progress=False)
+    np.testing.assert_allclose(path.loss, [true, true], rtol=1e-12)
+    # the eigenvectors come from the summed Hessian: along them L = L0 + lam a^2 / 2 + O(a^3)
+    hess = loss_landscape(model, crit, batches, directions="hessian", steps=3, span=(-1e-3, 1e-3),
+                          reduction="sum", tol=1e-8, progress=False)
+    top = hesse.eigenvalues(hesse.Hessian(model, crit, batches, reduction="sum"), k=1, tol=1e-8,
+                            progress=False).values[0]
+    assert hess.info["eigenvalues"][0] == pytest.approx(float(top), rel=1e-6)
+    with pytest.raises(HesseError, match="reduction"):
+        loss_landscape(model, crit, batches, reduction="none")
+    with pytest.raises(HesseError, match="reduction"):
+        interpolate(model, model, nn.CrossEntropyLoss(reduction="none"), batches)
+
+
+def test_evaluator_counts_non_ignored_targets():
+    from hesse.analysis.landscape import Evaluator
+
+    torch.manual_seed(0)
+    model = TanhMLP().double()
+    X, y = torch.randn(11, 6, dtype=torch.float64), torch.randint(0, 4, (11,))
+    y[2] = y[9] = -100
+    crit = nn.CrossEntropyLoss()
+    with torch.no_grad():
+        true = float(crit(model(X), y))
+    loss, _, _ = Evaluator(model, crit, uneven_batches(X, y, [8, 3]))()
+    assert loss == pytest.approx(true, rel=1e-12)
+
+
+def test_evaluator_gradient_for_an_explicitly_selected_frozen_parameter():
+    from hesse.analysis.landscape import Evaluator
+
+    torch.manual_seed(0)
+    model = TanhMLP().double()
+    X, y = torch.randn(11, 6, dtype=torch.float64), torch.randint(0, 4, (11,))
+    name, frozen = next(iter(model.named_parameters()))
+    frozen.requires_grad_(False)
+    _, _, g = Evaluator(model, nn.CrossEntropyLoss(), uneven_batches(X, y, [8, 3]), params=[name])(grad=True)
+    w = frozen.detach().clone().requires_grad_(True)
+    ref = torch.autograd.grad(nn.functional.cross_entropy(torch.func.functional_call(model, {name: w}, (X,)), y), w)[0]
+    torch.testing.assert_close(g, ref.reshape(-1), rtol=1e-12, atol=1e-14)
+    assert not frozen.requires_grad and frozen.grad is None

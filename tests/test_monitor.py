@@ -67,9 +67,10 @@ def test_lr_logs_and_plot(tmp_path):
     lrs = [r["lr"] for r in monitor.history]
     assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025])
     assert [r["two_over_lr"] for r in monitor.history] == pytest.approx([2 / lr for lr in lrs])
+    assert [r["threshold"] for r in monitor.history] == pytest.approx([2 / lr for lr in lrs])  # no momentum
     rows = list(csv.DictReader(open(tmp_path / "logs" / "sharpness.csv")))
     assert len(rows) == 4 and float(rows[-1]["eigenvalue"]) == pytest.approx(monitor.sharpness[-1])
-    assert {"eigenvalue_2", "trace", "trace_stderr", "loss", "matvecs"} <= set(rows[0])
+    assert {"eigenvalue_2", "trace", "trace_stderr", "loss", "matvecs", "threshold", "momentum"} <= set(rows[0])
     logged = json.loads((tmp_path / "logs" / "sharpness.json").read_text())
     first = logged["history"][0]["eigenvalues"]
     assert len(logged["history"]) == 4 and len(first) == 2 and first[0] >= first[1]
@@ -108,3 +109,59 @@ def test_edge_of_stability_example_runs(tmp_path):
     report = json.loads((tmp_path / "edge_of_stability.json").read_text())
     assert [r["lr"] for r in report["runs"]] == [0.4] and report["runs"][0]["two_over_lr"] == 5.0
     assert (tmp_path / "edge_of_stability.png").stat().st_size > 0
+
+
+def test_threshold_accounts_for_momentum(tmp_path):
+    model, crit, X, y = _problem(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    monitor = SharpnessMonitor(model, crit, (X, y), every=1, optimizer=opt, log_dir=tmp_path)
+    rec = monitor.record()
+    assert rec["momentum"] == pytest.approx(0.9)
+    assert rec["threshold"] == pytest.approx(38.0) and rec["two_over_lr"] == pytest.approx(20.0)
+    row = next(csv.DictReader(open(tmp_path / "sharpness.csv")))
+    assert float(row["threshold"]) == pytest.approx(38.0) and float(row["momentum"]) == pytest.approx(0.9)
+    assert json.loads((tmp_path / "sharpness.json").read_text())["history"][0]["threshold"] == pytest.approx(38.0)
+    ax = monitor.plot().axes[0]
+    assert any(line.get_label() == "stability threshold" and np.allclose(line.get_ydata(), 38.0)
+               for line in ax.get_lines())
+    # fixed lr and momentum; Nesterov and dampening
+    assert SharpnessMonitor(model, crit, (X, y), lr=0.1, momentum=0.9).record()["threshold"] == pytest.approx(38.0)
+    nesterov = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    assert SharpnessMonitor(model, crit, (X, y), optimizer=nesterov).threshold == pytest.approx(3.8 / 0.28)
+    damped = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    assert SharpnessMonitor(model, crit, (X, y), optimizer=damped).threshold == pytest.approx(76.0)
+    with pytest.raises(HesseError, match="momentum"):
+        SharpnessMonitor(model, crit, (X, y), optimizer=opt, momentum=0.9)
+
+
+@pytest.mark.parametrize("lr, beta", [(0.1, 0.9), (0.05, 0.5)])
+def test_threshold_is_the_stability_edge_of_sgd_with_momentum(lr, beta):
+    """Heavy-ball SGD on L = lam w^2 / 2 is stable just below the recorded threshold, unstable above."""
+    model, crit, X, y = _problem(3)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=beta)
+    edge = SharpnessMonitor(model, crit, (X, y), optimizer=opt).threshold
+    for factor, stable in ((0.99, True), (1.01, False)):
+        w = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+        sgd = torch.optim.SGD([w], lr=lr, momentum=beta)
+        for _ in range(3000):
+            sgd.zero_grad()
+            (0.5 * factor * edge * w ** 2).sum().backward()
+            sgd.step()
+        assert (abs(float(w)) < 1) == stable
+
+
+def test_reduction_sum_for_a_plain_function_criterion():
+    model, _, X, y = _problem(4)
+    crit = lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum")  # noqa: E731
+    batches = [(X[:40], y[:40]), (X[40:], y[40:])]
+    monitor = SharpnessMonitor(model, crit, batches, reduction="sum", tol=1e-8)
+    H = hesse.Hessian(model, crit, batches, reduction="sum")
+    top = hesse.linalg.eigenvalues(H, k=1, tol=1e-8, progress=False).values[0]
+    assert monitor.record()["eigenvalue"] == pytest.approx(float(top), rel=1e-6)
+    mean_top = hesse.linalg.eigenvalues(hesse.Hessian(model, nn.CrossEntropyLoss(), batches), k=1, tol=1e-8,
+                                        progress=False).values[0]
+    assert float(top) == pytest.approx(64 * float(mean_top), rel=1e-6)
+    with pytest.raises(HesseError, match="reduction"):
+        SharpnessMonitor(model, nn.CrossEntropyLoss(reduction="none"), batches)
+    with pytest.raises(HesseError, match="reduction"):
+        SharpnessMonitor(model, crit, batches, reduction="none")

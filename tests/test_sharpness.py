@@ -108,3 +108,45 @@ def test_bad_arguments():
         sharpness(model, crit, batches, norm="l1")
     with pytest.raises(HesseError, match="rho"):
         sharpness(model, crit, batches, rho=-1.0)
+
+
+def test_reduction_sum_for_a_plain_function_criterion():
+    from torch import nn
+
+    from tests.test_landscape import _sum_problem
+
+    model, crit, X, y, batches = _sum_problem()
+    with torch.no_grad():
+        true = float(crit(model(X), y))
+    H = hesse.Hessian(model, crit, batches, reduction="sum")
+    assert H.loss() == pytest.approx(true, rel=1e-12)
+    for measure in ("sam", "average", "worst"):
+        res = sharpness(model, crit, batches, measure, reduction="sum", steps=2, samples=2, progress=False)
+        assert res.base_loss == pytest.approx(true, rel=1e-12)
+    eig = sharpness(model, crit, batches, "eigenvalue", reduction="sum", tol=1e-8, progress=False)
+    assert eig.base_loss == pytest.approx(H.loss(), rel=1e-12)
+    top = hesse.linalg.eigenvalues(H, k=1, tol=1e-8, progress=False).values[0]
+    assert eig.value == pytest.approx(float(top), rel=1e-6)
+    # SAM's gradient is the summed loss's: rho * |g| to first order
+    g = H.gradient()
+    sam = sharpness(model, crit, batches, "sam", rho=1e-6, reduction="sum", progress=False)
+    assert sam.details["gradient_norm"] == pytest.approx(float(g.norm()), rel=1e-10)
+    with pytest.raises(HesseError, match="reduction"):
+        sharpness(model, nn.CrossEntropyLoss(reduction="none"), batches, progress=False)
+    with pytest.raises(HesseError, match="reduction"):
+        sharpness(model, crit, batches, "eigenvalue", reduction="none", progress=False)
+
+
+@pytest.mark.parametrize("measure", ["sam", "worst", "adaptive"])
+def test_explicitly_selected_frozen_parameters_are_perturbed(measure):
+    model, crit, batches, A, w_min, c = quadratic_problem()
+    model.weight.requires_grad_(False)
+    snap = snapshot(model)
+    res = sharpness(model, crit, batches, measure, params=["weight"], steps=3, progress=False)
+    assert math.isfinite(res.value) and res.value > 0
+    if measure == "sam":  # same as with the parameter trainable
+        w = model.weight.detach()[0].clone()
+        g = A @ (w - w_min)
+        assert res.details["gradient_norm"] == pytest.approx(float(g.norm()), rel=1e-9)
+    assert not model.weight.requires_grad and model.weight.grad is None
+    assert_identical(model, snap)

@@ -33,7 +33,7 @@ from hesse.operators.data import (
     ForwardFn,
     all_reduce_sum,
     default_forward,
-    default_num_samples,
+    sample_counter,
     to_device,
 )
 from hesse.results import _ResultMixin
@@ -144,12 +144,27 @@ def _accuracy_counts(output: torch.Tensor, target: Any) -> tuple[float, int] | N
     return None
 
 
+def resolve_reduction(criterion: Any, reduction: str | None) -> str:
+    """``reduction`` or the criterion's own (``"mean"`` for a plain function); ``"mean"`` or ``"sum"``."""
+    resolved = reduction if reduction is not None else getattr(criterion, "reduction", "mean")
+    if resolved not in ("mean", "sum"):
+        raise HesseError(
+            f"criterion reduction is {resolved!r}; the loss must be a scalar: use reduction 'mean' or 'sum' "
+            "(for a plain function say which with reduction=)."
+        )
+    return resolved
+
+
 class Evaluator:
     """Sample-weighted full-data loss, accuracy and gradient at the model's current weights.
 
     With a ``reduction="mean"`` criterion ``L = Σ_b (n_b / N) L_b``; with ``"sum"`` ``L = Σ_b L_b``
-    (summed over processes when ``torch.distributed`` is initialised).
-    Gradients are taken with ``torch.autograd.grad``, so ``.grad`` is never touched.
+    (summed over processes when ``torch.distributed`` is initialised). ``reduction`` defaults to
+    ``criterion.reduction`` (``"mean"`` for a plain function: pass ``reduction="sum"`` for a
+    summed one); ``"none"`` is refused. ``n_b`` counts the non-ignored targets for a criterion
+    with an ``ignore_index`` (unless ``num_samples`` is given).
+    Gradients are taken with ``torch.autograd.grad``, so ``.grad`` is never touched; selected
+    parameters with ``requires_grad=False`` are differentiated too (the flag is restored).
     """
 
     def __init__(
@@ -161,6 +176,7 @@ class Evaluator:
         params: ParamSpec = None,
         forward: ForwardFn | None = None,
         num_samples: Callable[[Batch], int] | None = None,
+        reduction: str | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise HesseError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -169,10 +185,8 @@ class Evaluator:
         self.model, self.criterion = model, criterion
         self.data = DataSource(data)
         self.forward = forward or default_forward
-        self.num_samples = num_samples or default_num_samples
-        self.reduction = getattr(criterion, "reduction", "mean")
-        if self.reduction not in ("mean", "sum"):
-            raise HesseError(f"criterion reduction is {self.reduction!r}; use 'mean' or 'sum' so the loss is a scalar.")
+        self.num_samples = sample_counter(criterion, num_samples)
+        self.reduction = resolve_reduction(criterion, reduction)
         self.flat = _FlatParams(select_parameters(model, params))
         self.passes = 0
 
@@ -181,6 +195,29 @@ class Evaluator:
         loss_sum, count, correct, total = 0.0, 0, 0.0, 0
         g_sum: torch.Tensor | None = None
         params = list(self.flat.params.values())
+        frozen = [p for p in params if not p.requires_grad] if grad else []
+        try:
+            for p in frozen:  # differentiate explicitly selected frozen parameters too
+                p.requires_grad_(True)
+            loss_sum, count, correct, total, classification, g_sum = self._passes(grad, params)
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+        stats = torch.tensor([loss_sum, count, correct, total, float(not classification)], dtype=torch.float64,
+                             device=self.flat.device)
+        all_reduce_sum(stats)  # over processes under torch.distributed (no-op otherwise)
+        if g_sum is not None:
+            all_reduce_sum(g_sum)
+        loss_sum, count, correct, total, not_classification = stats.tolist()
+        self.passes += 1
+        norm = count if self.reduction == "mean" else 1
+        accuracy = correct / total if not_classification == 0 and total > 0 else None
+        return loss_sum / norm, accuracy, (g_sum / norm if g_sum is not None else None)
+
+    def _passes(self, grad: bool, params: list[torch.Tensor]):
+        """This process's weighted sums over its batches."""
+        loss_sum, count, correct, total = 0.0, 0, 0.0, 0
+        g_sum: torch.Tensor | None = None
         classification = True
         for batch in self.data:
             batch = to_device(batch, self.flat.device)
@@ -202,16 +239,7 @@ class Evaluator:
                 classification = False
             else:
                 correct, total = correct + counts[0], total + counts[1]
-        stats = torch.tensor([loss_sum, count, correct, total, float(not classification)], dtype=torch.float64,
-                             device=self.flat.device)
-        all_reduce_sum(stats)  # over processes under torch.distributed (no-op otherwise)
-        if g_sum is not None:
-            all_reduce_sum(g_sum)
-        loss_sum, count, correct, total, not_classification = stats.tolist()
-        self.passes += 1
-        norm = count if self.reduction == "mean" else 1
-        accuracy = correct / total if not_classification == 0 and total > 0 else None
-        return loss_sum / norm, accuracy, (g_sum / norm if g_sum is not None else None)
+        return loss_sum, count, correct, total, classification, g_sum
 
 
 # ---- directions ---------------------------------------------------------------------------------
@@ -375,6 +403,7 @@ def loss_landscape(
     params: ParamSpec = None,
     forward: ForwardFn | None = None,
     num_samples: Callable[[Batch], int] | None = None,
+    reduction: str | None = None,
     seed: int = 0,
     tol: float = 1e-3,
     progress: bool = True,
@@ -390,6 +419,8 @@ def loss_landscape(
         ``info["eigenvalues"]``), from :func:`hesse.linalg.eigenvalues` with tolerance ``tol``;
       * a list of 1 or 2 directions, each a dict ``{param name: tensor}`` (missing names are
         zero) or a flat ``[P]`` vector over the selected parameters, used as given.
+    ``reduction``: ``"mean"`` or ``"sum"``, how ``criterion`` reduces over a batch (default
+    ``criterion.reduction``, ``"mean"`` for a plain function).
     The model is evaluated in eval mode (BatchNorm running statistics, no dropout); its
     weights, buffers and modes are restored exactly afterwards.
     """
@@ -407,7 +438,8 @@ def loss_landscape(
         raise HesseError(f"dims must be 1 or 2, got {dims}.")
     if not (isinstance(steps, int) and steps >= 2):
         raise HesseError(f"steps must be an integer >= 2, got {steps!r}.")
-    ev = Evaluator(model, criterion, data, params=params, forward=forward, num_samples=num_samples)
+    ev = Evaluator(model, criterion, data, params=params, forward=forward, num_samples=num_samples,
+                   reduction=reduction)
     weights = {n: p.detach() for n, p in ev.flat.params.items()}
     info: dict[str, Any] = {"normalization": normalization if kind == "random" else None,
                             "ignore_1d": ignore_1d, "seed": seed, "span": list(span), "steps": steps}
@@ -420,7 +452,8 @@ def loss_landscape(
             from hesse.linalg import eigenvalues
             from hesse.operators import Hessian
 
-            H = Hessian(model, criterion, data, params=params, forward=forward, num_samples=num_samples)
+            H = Hessian(model, criterion, data, params=params, forward=forward, num_samples=num_samples,
+                        reduction=ev.reduction)
             eig = eigenvalues(H, k=dims, which="largest", tol=tol, seed=seed, progress=progress)
             vecs = [eig.vectors[:, i].to(ev.flat.dtype) for i in range(dims)]
             info.update(eigenvalues=eig.values.tolist(), eigen_matvecs=eig.matvecs,
@@ -453,22 +486,75 @@ def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 def _recompute_batchnorm(model: nn.Module, ev: Evaluator) -> None:
-    """Reset BatchNorm running statistics and re-estimate them as exact averages over ``data``
-    (``momentum=None``), with every other module in eval mode."""
-    bns = _batchnorms(model)
-    momenta = [m.momentum for m in bns]
+    """Re-estimate BatchNorm running statistics as exact sample-weighted averages over ``data``.
+
+    One pass with every module in eval mode and a forward hook on each BatchNorm that tracks
+    running statistics: the hook accumulates, per channel, the count, ``Σ(x - K)`` and
+    ``Σ(x - K)²`` of its input (float64, shifted by the old running mean ``K`` against
+    cancellation) and returns the input normalised by the batch's own statistics, as a
+    train-mode forward would (so later layers see what they see in training). Afterwards
+    ``running_mean = Σx / N`` and ``running_var = N / (N - 1) · (E[x²] - mean²)`` (unbiased, as
+    BatchNorm keeps it), ``N`` counting all elements of a channel over the whole dataset, so
+    the result does not depend on how the data is split into batches, and a batch of one
+    sample is fine. Sums are added over processes under ``torch.distributed``.
+    """
+    bns = [m for m in _batchnorms(model) if m.track_running_stats and m.running_mean is not None]
+    if not bns:
+        return
+    sums: dict[int, list] = {}
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        if x.ndim < 2:
+            raise HesseError(f"a BatchNorm input has shape {list(x.shape)}; expected [N, C, ...].")
+        dims = [0] + list(range(2, x.ndim))
+        view = [1, -1] + [1] * (x.ndim - 2)
+        n = x.numel() // x.shape[1]
+        with torch.no_grad():
+            shift, acc = sums[id(module)][0], sums[id(module)][1]
+            xd = x.detach().to(torch.float64) - shift.view(view)
+            acc[0] += n
+            acc[1] += xd.sum(dims)
+            acc[2] += (xd * xd).sum(dims)
+            mean = xd.mean(dims)
+            var = (xd - mean.view(view)).pow(2).mean(dims)  # biased, as train-mode normalisation
+            y = (xd - mean.view(view)) / torch.sqrt(var.view(view) + module.eps)
+            y = y.to(x.dtype)
+            if module.affine:
+                y = y * module.weight.view(view) + module.bias.view(view)
+        return y
+
+    handles = []
     try:
         for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
+            C = m.running_mean.numel()
+            shift = m.running_mean.detach().to(torch.float64).clone()
+            zeros = torch.zeros(C, dtype=torch.float64, device=m.running_mean.device)
+            sums[id(m)] = [shift, [0, zeros.clone(), zeros.clone()]]
+            handles.append(m.register_forward_hook(hook))
+        batches = 0
         with torch.no_grad():
             for batch in ev.data:
                 ev.forward(model, to_device(batch, ev.flat.device))
+                batches += 1
     finally:
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
-            m.eval()
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        for m in bns:
+            shift, (n, s1, s2) = sums[id(m)]
+            stats = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=s1.device), s1, s2])
+            all_reduce_sum(stats)
+            N, s1, s2 = stats[0].item(), stats[1:1 + s1.numel()], stats[1 + s1.numel():]
+            m.reset_running_stats()
+            if N == 0:
+                continue
+            mean_shifted = s1 / N
+            var = (s2 / N - mean_shifted ** 2).clamp_min(0) * (N / max(N - 1, 1))
+            m.running_mean.copy_((mean_shifted + shift).to(m.running_mean.dtype))
+            m.running_var.copy_(var.to(m.running_var.dtype))
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.fill_(batches)
 
 
 def interpolate(
@@ -482,6 +568,7 @@ def interpolate(
     batchnorm: str = "interpolate",
     forward: ForwardFn | None = None,
     num_samples: Callable[[Batch], int] | None = None,
+    reduction: str | None = None,
     progress: bool = True,
 ) -> Landscape:
     """Loss and accuracy on the straight line ``w(t) = (1 - t) w_A + t w_B``, ``t`` on ``steps``
@@ -493,6 +580,10 @@ def interpolate(
     are interpolated. BatchNorm running statistics (``batchnorm=``): ``"interpolate"`` them
     like the weights, ``"recompute"`` them on ``data`` at each point (Jordan et al. 2023,
     "REPAIR", show interpolated statistics can be far off), or ``"keep"`` model A's.
+    Recomputed statistics are sample-weighted over all of ``data`` (the mean and the unbiased
+    variance of each channel's inputs, as one train-mode pass over the whole dataset would
+    give), so uneven batches, even of one sample, bias nothing. ``reduction`` as in
+    :func:`loss_landscape`.
     Evaluation runs on ``model_a`` in eval mode, which is restored exactly; ``model_b`` is only read.
     """
     if batchnorm not in BATCHNORM:
@@ -511,7 +602,8 @@ def interpolate(
                   if isinstance(m, nn.modules.batchnorm._BatchNorm) for s in stats}
     moving = [n for n in sa if sa[n].is_floating_point()
               and (n in params_a or (batchnorm == "interpolate" and n in bn_buffers))]
-    ev = Evaluator(model_a, criterion, data, forward=forward, num_samples=num_samples, params=list(params_a))
+    ev = Evaluator(model_a, criterion, data, forward=forward, num_samples=num_samples, params=list(params_a),
+                   reduction=reduction)
     ts = np.linspace(span[0], span[1], steps)
     losses, accs = np.empty(steps), np.empty(steps)
     acc_seen = False

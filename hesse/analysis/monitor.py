@@ -1,9 +1,11 @@
-"""Track the sharpness (top Hessian eigenvalue) during training, against the 2/lr stability line.
+"""Track the sharpness (top Hessian eigenvalue) during training, against the stability threshold.
 
 For gradient descent with step size ``η`` on a quadratic, the iteration is stable only if
-``λ_max(H) < 2 / η``. Cohen, Kaur, Li, Kolter & Talwalkar (2021), "Gradient Descent on Neural
-Networks Typically Occurs at the Edge of Stability", observed that full-batch GD on neural
-networks first *sharpens progressively* (``λ_max`` rises) until it reaches ``2 / η``, then
+``λ_max(H) < 2 / η``; with heavy-ball momentum ``β`` (``torch.optim.SGD(momentum=β)``) only if
+``λ_max(H) < (2 + 2β) / η`` (3.8/η at β = 0.9). Cohen, Kaur, Li, Kolter & Talwalkar (2021),
+"Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability", observed that
+full-batch GD on neural networks first *sharpens progressively* (``λ_max`` rises) until it
+reaches ``2 / η`` (the threshold of the optimizer in use), then
 hovers there ("edge of stability") while the loss keeps decreasing non-monotonically.
 :class:`SharpnessMonitor` records ``λ_max`` every few steps, warm-started from the previous
 eigenvector, so each measurement costs a few Hessian-vector products.
@@ -37,6 +39,7 @@ from hesse.operators.base import LinearOperator
 from hesse.operators.curvature import ParamSpec
 from hesse.operators.data import Batch, ForwardFn
 from hesse.results import to_jsonable
+from hesse.analysis.landscape import resolve_reduction
 
 __all__ = ["SharpnessMonitor"]
 
@@ -60,9 +63,17 @@ class SharpnessMonitor:
     multiple of ``every`` (call :meth:`record` to measure now, e.g. before training). Each
     measurement warm-starts Lanczos from the previous eigenvectors (``warm_start=True``),
     so near a slowly moving eigenvector it converges in a few products. The learning rate is
-    read from ``optimizer.param_groups[0]["lr"]`` (or a fixed ``lr``). ``history`` is a list of
-    dicts with ``step, lr, two_over_lr, eigenvalue, eigenvalues, residual, converged, matvecs``
-    (+ ``trace, trace_stderr, trace_matvecs``; ``loss`` when given to :meth:`step`; ``time``).
+    read from ``optimizer.param_groups[0]["lr"]`` (or a fixed ``lr``), and so are ``momentum``,
+    ``dampening`` and ``nesterov`` (or a fixed ``momentum``, default 0). ``history`` is a list of
+    dicts with ``step, lr, momentum, two_over_lr, threshold, eigenvalue, eigenvalues, residual,
+    converged, matvecs`` (+ ``trace, trace_stderr, trace_matvecs``; ``loss`` when given to
+    :meth:`step`; ``time``). ``two_over_lr`` is ``2 / lr``; ``threshold`` is the largest
+    curvature for which the optimizer is stable on a quadratic, the edge-of-stability line:
+    ``2 / lr`` for plain gradient descent, ``(2 + 2β) / lr`` for heavy-ball momentum ``β``
+    (``(2 + 2β) / ((1 - dampening) lr)`` with dampening), ``(2 + 2β) / ((1 + 2β) lr)`` for
+    PyTorch's Nesterov momentum. The threshold is for SGD-type updates; for adaptive optimizers
+    (Adam, RMSprop) the stability condition is on the preconditioned Hessian, and the line is
+    only a reference.
     With ``log_dir`` every record rewrites ``sharpness.csv`` and ``sharpness.json`` atomically.
 
     ``operator`` replaces the Hessian built from ``criterion`` and ``data`` (e.g.
@@ -82,6 +93,7 @@ class SharpnessMonitor:
         every: int = 10,
         optimizer: torch.optim.Optimizer | None = None,
         lr: float | None = None,
+        momentum: float | None = None,
         trace: bool = False,
         trace_budget: int | None = None,
         log_dir: str | Path | None = None,
@@ -91,6 +103,7 @@ class SharpnessMonitor:
         params: ParamSpec = None,
         forward: ForwardFn | None = None,
         num_samples: Callable[[Batch], int] | None = None,
+        reduction: str | None = None,
         seed: int = 0,
         operator: LinearOperator | None = None,
     ):
@@ -102,16 +115,23 @@ class SharpnessMonitor:
             raise HesseError(f"k must be a positive integer, got {k!r}.")
         if optimizer is not None and lr is not None:
             raise HesseError("pass either optimizer= (lr read from it) or a fixed lr=, not both.")
+        if optimizer is not None and momentum is not None:
+            raise HesseError("pass either optimizer= (momentum read from it) or a fixed momentum=, not both.")
+        if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+            raise HesseError(f"momentum must be a number in [0, 1), got {momentum!r}.")
+        if operator is None:
+            reduction = resolve_reduction(criterion, reduction)
         self.model = model
         modes = [(m, m.training) for m in model.modules()]
         try:  # built in eval mode: a training model with dropout/BatchNorm is measured deterministically
             model.eval()
             self.hessian = operator if operator is not None else Hessian(
-                model, criterion, data, params=params, forward=forward, num_samples=num_samples)
+                model, criterion, data, params=params, forward=forward, num_samples=num_samples,
+                reduction=reduction)
         finally:
             for m, training in modes:
                 m.training = training
-        self.every, self.optimizer, self.fixed_lr = every, optimizer, lr
+        self.every, self.optimizer, self.fixed_lr, self.fixed_momentum = every, optimizer, lr, momentum
         self.trace, self.trace_budget = trace, trace_budget
         self.k, self.tol, self.warm_start, self.seed = k, tol, warm_start, seed
         self.log_dir = Path(log_dir) if log_dir is not None else None
@@ -128,6 +148,29 @@ class SharpnessMonitor:
         if self.optimizer is not None:
             return float(self.optimizer.param_groups[0]["lr"])
         return self.fixed_lr
+
+    @property
+    def momentum(self) -> float:
+        """The current momentum ``β`` (``optimizer.param_groups[0]["momentum"]``, 0 without one)."""
+        if self.optimizer is not None:
+            return float(self.optimizer.param_groups[0].get("momentum", 0.0) or 0.0)
+        return float(self.fixed_momentum or 0.0)
+
+    @property
+    def threshold(self) -> float | None:
+        """The stability threshold on ``λ_max``: ``(2 + 2β) / lr`` (heavy ball; ``2 / lr`` without
+        momentum), divided by ``1 - dampening`` with dampening and by ``1 + 2β`` with Nesterov."""
+        lr = self.lr
+        if not lr:
+            return None
+        beta = self.momentum
+        group = self.optimizer.param_groups[0] if self.optimizer is not None else {}
+        if group.get("nesterov", False):
+            return (2.0 + 2.0 * beta) / ((1.0 + 2.0 * beta) * lr)
+        dampening = float(group.get("dampening", 0.0) or 0.0) if beta else 0.0
+        if dampening >= 1.0:
+            return None
+        return (2.0 + 2.0 * beta) / ((1.0 - dampening) * lr)
 
     def step(self, loss: float | None = None) -> dict[str, Any] | None:
         """Count one optimizer step; measure (and return the record) every ``every`` steps."""
@@ -150,7 +193,9 @@ class SharpnessMonitor:
             rec: dict[str, Any] = {"step": self.step_count}
             lr = self.lr
             rec["lr"] = lr
+            rec["momentum"] = self.momentum
             rec["two_over_lr"] = 2.0 / lr if lr else None
+            rec["threshold"] = self.threshold
             rec["eigenvalue"] = float(eig.values[0])
             rec["eigenvalues"] = eig.values.tolist()
             rec["residual"] = float(eig.residuals[0])
@@ -195,7 +240,8 @@ class SharpnessMonitor:
         """Write ``sharpness.csv`` and ``sharpness.json`` in ``log_dir`` (atomically)."""
         log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
-        columns = ["step", "lr", "two_over_lr", "eigenvalue"] + [f"eigenvalue_{i + 1}" for i in range(self.k)]
+        columns = ["step", "lr", "momentum", "two_over_lr", "threshold", "eigenvalue"]
+        columns += [f"eigenvalue_{i + 1}" for i in range(self.k)]
         columns += ["residual", "converged", "matvecs"]
         if self.trace:
             columns += ["trace", "trace_stderr", "trace_matvecs"]
@@ -214,7 +260,8 @@ class SharpnessMonitor:
         return csv_path, json_path
 
     def plot(self, ax=None, label: str | None = None, color: str | None = None):
-        """Sharpness over training with the ``2/lr`` line; returns the ``Figure``.
+        """Sharpness over training with the stability threshold (``2/lr``, or ``(2+2β)/lr`` with
+        momentum ``β``); returns the ``Figure``.
 
         Pass ``ax`` to draw into existing axes (e.g. several runs in one plot).
         """
@@ -227,10 +274,14 @@ class SharpnessMonitor:
             fig = ax.figure
         line, = ax.plot(self.steps, self.sharpness, marker=".", markersize=3, label=label or "top eigenvalue",
                         color=color)
-        two = self._column("two_over_lr")
-        if np.isfinite(two).any():
-            ax.plot(self.steps, two, linestyle="--", color=line.get_color(),
-                    label=f"2/lr{f' ({label})' if label else ''}", drawstyle="steps-post")
+        limit = self._column("threshold")
+        if not np.isfinite(limit).any():  # histories recorded before the threshold column existed
+            limit = self._column("two_over_lr")
+        if np.isfinite(limit).any():
+            momenta = self._column("momentum")
+            name = "stability threshold" if np.nan_to_num(momenta).any() else "2/lr"
+            ax.plot(self.steps, limit, linestyle="--", color=line.get_color(),
+                    label=f"{name}{f' ({label})' if label else ''}", drawstyle="steps-post")
         ax.set_xlabel("step")
         ax.set_ylabel("sharpness (top Hessian eigenvalue)")
         ax.legend()

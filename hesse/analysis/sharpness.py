@@ -152,6 +152,7 @@ def sharpness(
     params: ParamSpec = None,
     forward: ForwardFn | None = None,
     num_samples: Callable[[Batch], int] | None = None,
+    reduction: str | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> SharpnessResult:
@@ -164,8 +165,11 @@ def sharpness(
     ``|w| + η``; ``sigma``, ``samples``: noise level and number of antithetic pairs (average);
     ``k``, ``tol``: eigenvalues to compute and their tolerance (eigenvalue: ``value`` is the top
     one, all ``k`` in ``details``); ``budget``: products for the trace estimator; ``params``
-    selects the parameters perturbed (default all trainable); ``seed`` makes restarts,
-    noise and probes reproducible.
+    selects the parameters perturbed (default all trainable; frozen ones named explicitly are
+    perturbed too, their ``requires_grad`` left as it was); ``reduction``: ``"mean"`` or ``"sum"``,
+    how ``criterion`` reduces over a batch (default ``criterion.reduction``, ``"mean"`` for a
+    plain function), so ``L`` is the full-data mean or sum; ``seed`` makes restarts, noise and
+    probes reproducible.
     """
     if measure not in MEASURES:
         raise HesseError(f"unknown sharpness measure {measure!r}; choose one of {MEASURES}.")
@@ -177,14 +181,15 @@ def sharpness(
     for name, value in (("steps", steps), ("restarts", restarts), ("samples", samples), ("k", k)):
         if not (isinstance(value, int) and value >= 1):
             raise HesseError(f"{name} must be a positive integer, got {value!r}.")
-    ev = Evaluator(model, criterion, data, params=params, forward=forward, num_samples=num_samples)
+    ev = Evaluator(model, criterion, data, params=params, forward=forward, num_samples=num_samples,
+                   reduction=reduction)
     gen = torch.Generator().manual_seed(seed)
     with preserved(model):
         model.eval()
         if measure in ("eigenvalue", "trace"):
             return _curvature_measure(model, criterion, data, measure, k=k, tol=tol, budget=budget,
                                       params=params, forward=forward, num_samples=num_samples,
-                                      seed=seed, progress=progress)
+                                      reduction=ev.reduction, seed=seed, progress=progress)
         w0 = ev.flat.get()
         if measure == "average":
             base, _, _ = ev()
@@ -223,13 +228,14 @@ def sharpness(
 
 def _curvature_measure(
     model: nn.Module, criterion, data, measure: str, *, k: int, tol: float,
-    budget: int | None, params: ParamSpec, forward, num_samples, seed: int, progress: bool,
+    budget: int | None, params: ParamSpec, forward, num_samples, reduction: str, seed: int, progress: bool,
 ) -> SharpnessResult:
     """Top Hessian eigenvalue(s) or the Hessian trace, via :mod:`hesse.linalg`."""
     from hesse.linalg import eigenvalues, trace
     from hesse.operators import Hessian
 
-    H = Hessian(model, criterion, data, params=params, forward=forward, num_samples=num_samples)
+    H = Hessian(model, criterion, data, params=params, forward=forward, num_samples=num_samples,
+                reduction=reduction)
     base = H.loss()
     if measure == "eigenvalue":
         res = eigenvalues(H, k=k, which="largest", tol=tol, seed=seed, progress=progress)
