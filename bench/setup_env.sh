@@ -12,11 +12,18 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
-VENV="$HERE/.venv"
+VENV="${BENCH_VENV:-$HERE/.venv}"
 PY="${PYTHON:-python3}"
 
 TORCH_VERSION="2.13.0"
 TORCHVISION_VERSION="0.28.0"   # the torchvision release paired with torch 2.13
+
+STAMP="$VENV/.installed"
+if [ -f "$STAMP" ] && [ "$STAMP" -nt "$HERE/setup_env.sh" ] \
+   && { [ ! -f "$ROOT/pyproject.toml" ] || [ "$STAMP" -nt "$ROOT/pyproject.toml" ]; }; then
+    echo "bench env up to date ($VENV); delete $STAMP to reinstall"
+    exit 0
+fi
 
 if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
@@ -33,7 +40,10 @@ $PIP install "torch==$TORCH_VERSION"
 
 # 2. torchvision: try with deps under the constraint (keeps the installed torch);
 #    if the resolver cannot, fall back to --no-deps (BackPACK only imports it).
-if ! $VENV/bin/python -c "import torchvision" 2>/dev/null; then
+#    (Its C++ ops do not load against the CPU torch -- "operator torchvision::nms does
+#    not exist" on import -- which BackPACK does not need: it imports torchvision only
+#    in backpack.utils.examples.)
+if ! $VENV/bin/python -m pip show -q torchvision >/dev/null 2>&1; then
     $PIP install -c "$CONSTRAINTS" "torchvision==$TORCHVISION_VERSION" \
         || $PIP install --no-deps "torchvision==$TORCHVISION_VERSION"
 fi
@@ -46,12 +56,13 @@ $PIP install -c "$CONSTRAINTS" \
     "curvlinops-for-pytorch==3.0.1" \
     "scikit-learn" "numpy" "scipy" "tqdm"
 
-# 4. hesse itself, editable, without re-resolving its dependencies.
+# 4. hesse itself, editable (its dependencies resolve under the same torch pin).
+SITE="$($VENV/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 if [ -f "$ROOT/pyproject.toml" ] || [ -f "$ROOT/setup.py" ]; then
-    $PIP install -c "$CONSTRAINTS" --no-deps -e "$ROOT"
+    rm -f "$SITE/hesse_repo.pth"
+    $PIP install -c "$CONSTRAINTS" -e "$ROOT"
 else
     # No packaging metadata yet: make the source tree importable directly.
-    SITE="$($VENV/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     echo "$ROOT" > "$SITE/hesse_repo.pth"
 fi
 
@@ -66,3 +77,4 @@ for m in ["torch", "torchvision", "pyhessian", "hessian_eigenthings", "backpack"
         print(f"{m:22s} IMPORT FAILED: {type(e).__name__}: {e}")
 PY
 du -sh "$VENV" | sed 's/^/bench venv size: /'
+touch "$STAMP"

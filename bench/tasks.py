@@ -9,9 +9,10 @@ cross-entropy over all 1797 samples, which is what every reference value refers 
 * ``cnn``: Conv-ReLU-Conv-ReLU-MaxPool-Flatten-Linear-ReLU-Linear on 1x8x8 images
   (151,306 parameters), an ``nn.Sequential`` of layers BackPACK supports.
 
-Both are trained briefly from a fixed seed (full-batch Adam) so the Hessian is not
-taken at initialisation. The trained weights are cached in ``bench/.cache`` so the
-per-cell subprocesses of ``compare.py`` do not retrain.
+Both are trained briefly from a fixed seed (full-batch Adam: 30 steps for mlp, 15 for
+cnn, to a training loss of about 0.11) so the Hessian is not taken at initialisation,
+nor at an interpolating minimum where it nearly vanishes. The trained weights are
+stored in ``bench/weights`` (committed) so every run uses the same point.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ import torch
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CACHE = os.path.join(HERE, ".cache")
+# Trained weights are committed (bench/weights/, ~0.6 MB) so that every machine scores
+# against the reference values computed for exactly these weights; they are retrained
+# (same seed) only when missing. reference_*.json records their sha256.
+CACHE = os.path.join(HERE, "weights")
 SEED = 0
 BATCH_SIZE = 256
-TRAIN_STEPS = {"mlp": 300, "cnn": 150}
+TRAIN_STEPS = {"mlp": 30, "cnn": 15}
 TASKS = ("mlp", "cnn")
 
 
@@ -115,6 +119,19 @@ class Task:
         return statistics.median(times)
 
 
+def weights_path(name: str) -> str:
+    return os.path.join(CACHE, f"{name}_seed{SEED}.pt")
+
+
+def weights_sha256(name: str) -> str | None:
+    import hashlib
+    p = weights_path(name)
+    if not os.path.exists(p):
+        return None
+    with open(p, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def _train(name: str, model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> None:
     torch.manual_seed(SEED)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2 if name == "mlp" else 3e-3)
@@ -131,7 +148,7 @@ def make_task(name: str, dtype=torch.float32, retrain: bool = False) -> Task:
     torch.manual_seed(SEED)
     X, y = load_digits_tensors()
     model = build_model(name)
-    path = os.path.join(CACHE, f"{name}_seed{SEED}.pt")
+    path = weights_path(name)
     if os.path.exists(path) and not retrain:
         model.load_state_dict(torch.load(path))
     else:
