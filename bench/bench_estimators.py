@@ -19,7 +19,7 @@ import torch
 from hesse.analysis import bulk_outlier_split, density, per_layer
 from hesse.errors import NotConvergedWarning
 from hesse.linalg import diagonal, eigenvalues, frobenius_norm, trace
-from hesse.operators.base import BlockDiagonalOperator, DenseOperator
+from hesse.operators import BlockDiagonalOperator, DenseOperator
 
 
 def nn_like_spectrum(P: int, seed: int = 0) -> np.ndarray:

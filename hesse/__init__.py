@@ -31,6 +31,7 @@ from hesse.operators import (
     Fisher,
     Hessian,
     LinearOperator,
+    Objective,
     as_operator,
 )
 
@@ -38,7 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GGN", "BlockDiagonalOperator", "DenseOperator", "Fisher", "Hessian", "HesseError", "Landscape",
-    "LinearOperator", "NotConvergedWarning", "SharpnessMonitor", "__version__", "as_operator",
+    "LinearOperator", "NotConvergedWarning", "Objective", "SharpnessMonitor", "__version__", "as_operator",
     "batch_size_sharpness", "bulk_outlier_split", "density", "diagonal", "eigenvalues",
     "frobenius_norm", "interpolate", "loss_landscape", "per_layer", "sharpness", "stability", "trace",
 ]

@@ -7,7 +7,7 @@ import torch
 from hesse.analysis import batch_size_sharpness, bulk_outlier_split, density, per_layer, stability
 from hesse.errors import HesseError
 from hesse.linalg import diagonal, eigenvalues, frobenius_norm, trace
-from hesse.operators.base import LinearOperator
+from hesse.operators import LinearOperator
 
 P = 50
 

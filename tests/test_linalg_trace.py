@@ -6,7 +6,7 @@ import torch
 
 from hesse.errors import NotConvergedWarning
 from hesse.linalg import diagonal, frobenius_norm, trace
-from hesse.operators.base import DenseOperator, LinearOperator
+from hesse.operators import DenseOperator, LinearOperator
 from tests.conftest import sym_matrix
 
 P = 300

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hesse
-from hesse.operators.base import BlockDiagonalOperator, DenseOperator
+from hesse.operators import BlockDiagonalOperator, DenseOperator
 from tests.conftest import (
     SmallCNN,
     TanhMLP,

@@ -15,7 +15,7 @@ from hesse.analysis import (
 )
 from hesse.errors import HesseError, NotConvergedWarning
 from hesse.linalg import eigenvalues, trace
-from hesse.operators.base import BlockDiagonalOperator, DenseOperator
+from hesse.operators import BlockDiagonalOperator, DenseOperator
 from tests.conftest import sym_matrix
 
 P = 400

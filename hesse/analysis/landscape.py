@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hesse.errors import HesseError
-from hesse.operators.curvature import ParamSpec, select_parameters
+from hesse.operators.objective import ParamSpec, select_parameters
 from hesse.operators.data import (
     Batch,
     DataSource,

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from hesse.errors import HesseError
-from hesse.operators.base import LinearOperator
+from hesse.operators import LinearOperator
 from hesse.operators.curvature import ParamSpec
 from hesse.operators.data import Batch, ForwardFn
 from hesse.results import to_jsonable

@@ -32,7 +32,7 @@ from hesse.linalg._common import (
     prepare_operator,
     probes,
 )
-from hesse.operators.base import BlockDiagonalOperator, LinearOperator, as_operator
+from hesse.operators import BlockDiagonalOperator, LinearOperator, as_operator
 from hesse.results import EigenResult, OutlierSplit, PerLayerResult, _fmt, _ResultMixin
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz

@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hesse.errors import HesseError
-from hesse.operators.base import LinearOperator, as_operator
+from hesse.operators import LinearOperator, as_operator
 
 DEFAULT_CHUNK = 32
 

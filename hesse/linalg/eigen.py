@@ -27,7 +27,7 @@ from hesse.linalg._common import (
     orthonormalize_against,
     prepare_operator,
 )
-from hesse.operators.base import LinearOperator
+from hesse.operators import LinearOperator
 from hesse.results import EigenResult
 
 WHICH = ("largest", "smallest", "magnitude")

@@ -33,7 +33,7 @@ from hesse.linalg._common import (
     prepare_operator,
     probes,
 )
-from hesse.operators.base import LinearOperator
+from hesse.operators import LinearOperator
 from hesse.results import DiagonalResult, NormResult, TraceResult
 
 TRACE_METHODS = ("hutch++", "hutchinson", "xtrace")

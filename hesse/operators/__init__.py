@@ -1,6 +1,11 @@
-"""Matrix-free curvature operators (layer 1): Hessian, GGN, Fisher and generic views."""
+"""Matrix-free curvature operators (layer 1): the objective, Hessian, GGN, Fisher and generic views."""
 
-from hesse.operators.base import (
+from hesse.operators.curvature import CurvatureOperator
+from hesse.operators.data import DataSource, default_forward
+from hesse.operators.fisher import Fisher
+from hesse.operators.ggn import GGN
+from hesse.operators.hessian import Hessian
+from hesse.operators.linear import (
     BlockDiagonalOperator,
     BlockView,
     DenseOperator,
@@ -8,13 +13,10 @@ from hesse.operators.base import (
     ScipyOperator,
     as_operator,
 )
-from hesse.operators.curvature import CurvatureOperator, select_parameters
-from hesse.operators.data import default_forward
-from hesse.operators.fisher import Fisher
-from hesse.operators.ggn import GGN
-from hesse.operators.hessian import Hessian
+from hesse.operators.objective import Evaluation, Objective, as_objective, select_parameters
 
 __all__ = [
-    "BlockDiagonalOperator", "BlockView", "CurvatureOperator", "DenseOperator", "Fisher", "GGN",
-    "Hessian", "LinearOperator", "ScipyOperator", "as_operator", "default_forward", "select_parameters",
+    "BlockDiagonalOperator", "BlockView", "CurvatureOperator", "DataSource", "DenseOperator", "Evaluation",
+    "Fisher", "GGN", "Hessian", "LinearOperator", "Objective", "ScipyOperator", "as_objective", "as_operator",
+    "default_forward", "select_parameters",
 ]

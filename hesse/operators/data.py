@@ -40,20 +40,20 @@ def is_single_batch(data: Any) -> bool:
 
 
 class DataSource:
-    """Re-iterable view of the user's data that refuses empty and one-shot sources."""
+    """Re-iterable view of the user's data (``source``) that refuses empty and one-shot sources."""
 
     def __init__(self, data: Any):
         if data is None:
             raise HesseError("no data given; pass a DataLoader, a list of (inputs, targets) batches or one batch.")
         if is_single_batch(data):
-            self._batches: Iterable = [data]
+            self.source: Iterable = [data]
         elif isinstance(data, Iterator):
             raise HesseError(
                 "data is a one-shot iterator (e.g. a generator or iter(loader)); curvature "
                 "products need several passes, so pass the DataLoader itself or list(batches)."
             )
         elif isinstance(data, Iterable):
-            self._batches = data
+            self.source = data
         else:
             raise HesseError(
                 f"cannot iterate over data of type {type(data).__name__}; pass a DataLoader, "
@@ -62,7 +62,7 @@ class DataSource:
 
     def __iter__(self) -> Iterator[Batch]:
         empty = True
-        for batch in self._batches:
+        for batch in self.source:
             empty = False
             yield batch
         if empty:

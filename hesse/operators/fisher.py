@@ -35,21 +35,22 @@ class Fisher(OutputSpaceCurvature):
     """Fisher information of the full-data loss; ``kind`` is ``"mc"``, ``"true"`` or ``"empirical"``."""
 
     def __init__(
-        self, model, criterion, data, *, kind: str = "mc", mc_samples: int = 1, seed: int = 0, **kwargs: Any
+        self, model, criterion=None, data=None, *, kind: str = "mc", mc_samples: int = 1, seed: int = 0,
+        **kwargs: Any,
     ):
         super().__init__(model, criterion, data, **kwargs)
         if kind not in KINDS:
             raise HesseError(f"unknown Fisher kind {kind!r}; choose one of {KINDS}.")
         if mc_samples < 1:
             raise HesseError(f"mc_samples must be at least 1, got {mc_samples}.")
-        _check_supported(criterion)
+        _check_supported(self.criterion)
         self.kind, self.mc_samples, self.seed = kind, mc_samples, seed
 
     def _extra_kwargs(self) -> dict:
         return {"kind": self.kind, "mc_samples": self.mc_samples, "seed": self.seed}
 
     def _output_products(self, output, target, U, batch_index):
-        scale, mask = _scale_and_mask(self.criterion, output, target)
+        scale, mask = _scale_and_mask(self.criterion, self.objective.reduction, output, target)
         if self.kind == "true":
             MU = _true_fisher_product(self.criterion, output, U)
         elif self.kind == "empirical":
@@ -85,7 +86,7 @@ def _check_supported(criterion) -> None:
         )
 
 
-def _scale_and_mask(criterion, output: torch.Tensor, target) -> tuple[float | torch.Tensor, torch.Tensor]:
+def _scale_and_mask(criterion, reduction: str, output: torch.Tensor, target) -> tuple[float | torch.Tensor, torch.Tensor]:
     """``s_b`` and a mask broadcastable to the output (0 where a target is ignored)."""
     mask = torch.ones((), dtype=output.dtype, device=output.device)
     if isinstance(criterion, nn.CrossEntropyLoss):
@@ -96,7 +97,7 @@ def _scale_and_mask(criterion, output: torch.Tensor, target) -> tuple[float | to
         terms = keep.sum().to(output.dtype)
     else:
         terms = output.numel()
-    if criterion.reduction == "sum":
+    if reduction == "sum":
         return 1.0, mask
     return 1.0 / terms, mask
 

@@ -32,7 +32,7 @@ class OutputSpaceCurvature(CurvatureOperator):
 
     def _batch_products(self, params, batch: Batch, V, batch_index: int):
         def model_output(p):
-            output, target = self._call_model(p, batch)
+            output, target = self.objective.call_model(p, batch)
             if not isinstance(output, torch.Tensor):
                 raise HesseError(
                     f"the model output is a {type(output).__name__}, not a tensor; pass forward= "
@@ -68,8 +68,7 @@ class GGN(OutputSpaceCurvature):
     def _output_products(self, output, target, U, batch_index):
         def criterion_of_output(f):
             loss = self.criterion(f, target)
-            self._check_loss(loss)
-            return loss
+            return self.objective.check_loss(loss)
 
         # M is symmetric, so the VJP of the gradient is the product M u
         _, hvp = torch.func.vjp(torch.func.grad(criterion_of_output), output)

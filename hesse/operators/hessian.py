@@ -32,7 +32,8 @@ class Hessian(CurvatureOperator):
     ``vmap`` (for models with operations that ``vmap`` cannot batch).
     """
 
-    def __init__(self, model, criterion, data, *, method: str = "auto", vectorize: bool = True, **kwargs: Any):
+    def __init__(self, model, criterion=None, data=None, *, method: str = "auto", vectorize: bool = True,
+                 **kwargs: Any):
         super().__init__(model, criterion, data, **kwargs)
         if method != "auto" and method not in METHODS:
             raise HesseError(f"unknown Hessian method {method!r}; choose 'auto' or one of {METHODS}.")
@@ -56,7 +57,7 @@ class Hessian(CurvatureOperator):
             ) from error
 
     def _forward_over_reverse(self, params, batch: Batch, V):
-        gradient = torch.func.grad(self._batch_loss)
+        gradient = torch.func.grad(self.objective.batch_loss)
 
         def hvp(v):
             return torch.func.jvp(lambda p: gradient(p, batch), (params,), (v,))[1]
@@ -67,7 +68,7 @@ class Hessian(CurvatureOperator):
         """One forward and one graph-building backward, then a second backward per vector."""
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         inputs = list(leaves.values())
-        loss = self._batch_loss(leaves, batch)
+        loss = self.objective.batch_loss(leaves, batch)
         grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True, materialize_grads=True)
         varying = [i for i, g in enumerate(grads) if g.requires_grad]
         K = next(iter(V.values())).shape[0]

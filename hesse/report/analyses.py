@@ -61,10 +61,10 @@ class AnalysisRun:
 
 def _sharpness_measures(op, seed: int, progress: bool) -> dict[str, Any]:
     """Worst-case loss rise in an L2 ball of radius rho, and the average under Gaussian noise."""
-    common = dict(params=op.param_names, forward=op.forward, seed=seed, progress=progress)
+    common = dict(params=op.param_names, forward=op.objective.forward, seed=seed, progress=progress)
     return {
-        "worst": sharpness(op.model, op.criterion, op.data, "worst", rho=SHARPNESS_RHO, **common),
-        "average": sharpness(op.model, op.criterion, op.data, "average", sigma=SHARPNESS_SIGMA, **common),
+        "worst": sharpness(op.model, op.criterion, op.objective.data.source, "worst", rho=SHARPNESS_RHO, **common),
+        "average": sharpness(op.model, op.criterion, op.objective.data.source, "average", sigma=SHARPNESS_SIGMA, **common),
     }
 
 
@@ -82,8 +82,8 @@ def _analysis_calls(op, s: AnalysisSettings, progress: bool) -> dict[str, Callab
         "stability": lambda: stability(op, s.lr, batch_size=s.train_batch_size, tol=s.tol, trace_budget=s.budget,
                                        seed=s.seed, progress=progress),
         "landscape": lambda: loss_landscape(
-            op.model, op.criterion, op.data, directions="random", dims=2, steps=LANDSCAPE_STEPS,
-            params=op.param_names, forward=op.forward, seed=s.seed, progress=progress,
+            op.model, op.criterion, op.objective.data.source, directions="random", dims=2, steps=LANDSCAPE_STEPS,
+            params=op.param_names, forward=op.objective.forward, seed=s.seed, progress=progress,
         ),
         "sharpness": lambda: _sharpness_measures(op, s.seed, progress),
     }
