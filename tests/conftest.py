@@ -12,6 +12,12 @@ from torch import nn
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: end-to-end and many-product tests; `pytest -m 'not slow'` runs the rest in seconds"
+    )
+
+
 def sym_matrix(lams, seed=0) -> torch.Tensor:
     """Q diag(lams) Q^T with a random orthogonal Q (float64): a matrix with a known spectrum."""
     g = torch.Generator().manual_seed(seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,6 +13,8 @@ from torch import nn
 
 import hesse
 from tests.conftest import TanhMLP, uneven_batches
+
+pytestmark = pytest.mark.slow
 
 
 def _problem():

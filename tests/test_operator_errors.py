@@ -158,6 +158,7 @@ def _live_tensors() -> int:
         return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["forward-over-reverse", "double-backward", "ggn"])
 def test_no_memory_growth_over_thousands_of_products(kind):
     """Graphs built for second derivatives are freed after every batch (no create_graph leak)."""
