@@ -21,7 +21,7 @@ class OutputSpaceCurvature(CurvatureOperator):
     """``C = Jᵀ M J``: a curvature defined by a matrix ``M`` in the model's output space.
 
     One batch costs one forward with a VJP, K forward-mode JVPs (``vmap``-ed) for ``J v``
-    and K reverse-mode VJPs for ``Jᵀ w``. Subclasses implement :meth:`_output_products`.
+    (or reverse-mode products where forward mode is missing) and K VJPs for ``Jᵀ w``. Subclasses implement :meth:`_output_products`.
     """
 
     def _output_products(
@@ -42,19 +42,34 @@ class OutputSpaceCurvature(CurvatureOperator):
 
         output, vjp_fn, target = torch.func.vjp(model_output, params, has_aux=True)
         output = output.detach()
-
-        def jvp(v):
-            return torch.func.jvp(model_output, (params,), (v,), has_aux=True)[1]
-
-        K = next(iter(V.values())).shape[0]
-        if K == 1:
-            JV = jvp({n: v[0] for n, v in V.items()}).unsqueeze(0)
-        else:
-            JV = torch.func.vmap(jvp)(V)
+        JV = self._jacobian_products(model_output, params, output, vjp_fn, V)
         MJV = self._output_products(output, target, JV, batch_index)
-        if K == 1:
-            return {n: t.unsqueeze(0) for n, t in vjp_fn(MJV[0])[0].items()}
-        return torch.func.vmap(vjp_fn)(MJV)[0]
+        return _batched(lambda u: vjp_fn(u)[0], MJV)
+
+    def _jacobian_products(self, model_output, params, output: torch.Tensor, vjp_fn, V) -> torch.Tensor:
+        """``J v`` for the K vectors: forward mode (one JVP each), or, for layers without
+        forward-mode derivatives (e.g. ``nn.LSTM``), the transpose of the VJP (reverse mode
+        twice: ``J v = ∂/∂u ⟨Jᵀu, v⟩``), chosen once on the first failure."""
+        if self._jvp_route == "forward":
+            try:
+                return _batched(lambda v: torch.func.jvp(model_output, (params,), (v,), has_aux=True)[1], V)
+            except (NotImplementedError, RuntimeError) as error:
+                if isinstance(error, HesseError) or "forward" not in str(error).lower():
+                    raise
+                self._jvp_route = "reverse"
+        _, transpose_fn = torch.func.vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(output))
+        return _batched(lambda v: transpose_fn(v)[0], V)
+
+    _jvp_route = "forward"
+
+
+def _batched(fn, X):
+    """``fn`` on each of the K leading slices of ``X`` (a tensor or a dict of tensors), stacked."""
+    first = X if isinstance(X, torch.Tensor) else next(iter(X.values()))
+    if first.shape[0] == 1:
+        one = fn(X[0] if isinstance(X, torch.Tensor) else {n: x[0] for n, x in X.items()})
+        return one.unsqueeze(0) if isinstance(one, torch.Tensor) else {n: t.unsqueeze(0) for n, t in one.items()}
+    return torch.func.vmap(fn)(X)
 
 
 class GGN(OutputSpaceCurvature):
@@ -67,8 +82,7 @@ class GGN(OutputSpaceCurvature):
 
     def _output_products(self, output, target, U, batch_index):
         def criterion_of_output(f):
-            loss = self.criterion(f, target)
-            return self.objective.check_loss(loss)
+            return self.objective.criterion_loss(f, target)
 
         # M is symmetric, so the VJP of the gradient is the product M u
         _, hvp = torch.func.vjp(torch.func.grad(criterion_of_output), output)

@@ -30,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hesse._progress import progress_bar
 from hesse.errors import HesseError
+from hesse.operators._guards import check_criterion_shapes, check_first_batch, check_model_mode, mode_signature
 from hesse.operators.data import (
     Batch,
     DataSource,
@@ -47,9 +48,6 @@ Point = torch.Tensor | Mapping[str, torch.Tensor] | None
 """Parameter values to evaluate at: ``None`` (the model's current values), a flat ``[P]``
 vector over the selected parameters, or a dict ``{name: tensor}`` (missing names keep
 their current values)."""
-
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-
 
 def select_parameters(model: nn.Module, params: ParamSpec) -> dict[str, nn.Parameter]:
     """Pick the parameters to differentiate: all trainable ones, or by names/globs/modules.
@@ -101,22 +99,6 @@ def _match_parameters(model: nn.Module, named: dict[str, nn.Parameter], spec: An
             raise HesseError(f"no parameter matches {spec!r}; names look like {list(named)[:4]}.")
         return found
     raise HesseError(f"cannot select parameters with a {type(spec).__name__}; use names, globs or modules.")
-
-
-def check_model_mode(model: nn.Module, stochastic: bool) -> None:
-    """Refuse BatchNorm in train mode and active dropout, which make every pass different."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise HesseError(
-                f"BatchNorm layer '{name}' is in train mode: its output depends on the batch and "
-                "each pass would update its running statistics. Call model.eval() first (the "
-                "curvature then uses the running statistics)."
-            )
-        if isinstance(module, _DROPOUT) and module.training and module.p > 0 and not stochastic:
-            raise HesseError(
-                f"dropout layer '{name}' is active (train mode, p={module.p}): products would be "
-                "random. Call model.eval(), or pass stochastic=True to accept a random operator."
-            )
 
 
 def resolve_reduction(criterion: Any, reduction: str | None) -> str:
@@ -200,6 +182,7 @@ class Objective:
         self._settings = dict(forward=forward, num_samples=num_samples, reduction=reduction,
                               stochastic=stochastic, check_data=check_data, progress=progress)
         self._data_signature: tuple[int, float] | None = None
+        self._checked_modes: tuple[bool, ...] | None = None
         self.num_samples: int | None = None
         self.passes = 0
 
@@ -287,6 +270,11 @@ class Objective:
     def batch_loss(self, values: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """The criterion on one batch at the given parameter values (a scalar tensor)."""
         output, target = self.call_model(values, batch)
+        return self.criterion_loss(output, target)
+
+    def criterion_loss(self, output: Any, target: Any) -> torch.Tensor:
+        """``criterion(output, target)``, refused if shapes would broadcast or the loss is not a scalar."""
+        check_criterion_shapes(self.criterion, output, target)
         return self.check_loss(self.criterion(output, target))
 
     @staticmethod
@@ -317,6 +305,9 @@ class Objective:
                 raise HesseError("a batch has no samples (or all its targets are ignore_index); drop such batches from the data.")
             weight = float(n) if self.reduction == "mean" else 1.0
             with sdpa_kernel(SDPBackend.MATH):  # fused attention has no forward-mode or second derivatives
+                if index == 0 and self._checked_modes != mode_signature(self.model):
+                    check_first_batch(self.model, lambda: self.call_model(self.values(), batch), self.stochastic)
+                    self._checked_modes = mode_signature(self.model)
                 value = per_batch(batch, index, weight)
             total = value if total is None else total + value
             count += n
@@ -364,13 +355,23 @@ class Objective:
         values = self.values(at)
         with torch.no_grad():
             value = self.weighted_pass(lambda batch, _: self.batch_loss(values, batch).detach().reshape(1), "loss")
+        self._check_finite(value, "loss", values)
         return float(value[0])
 
     def gradient(self, at: Point = None) -> torch.Tensor:
         """The full-data gradient ``∇L`` w.r.t. the selected parameters, flat ``[P]``."""
         values = self.values(at)
         grad_fn = torch.func.grad(self.batch_loss)
-        return self.weighted_pass(lambda batch, _: self.flatten(grad_fn(values, batch)), "gradient").detach()
+        gradient = self.weighted_pass(lambda batch, _: self.flatten(grad_fn(values, batch)), "gradient").detach()
+        self._check_finite(gradient, "gradient", values)
+        return gradient
+
+    def _check_finite(self, value: torch.Tensor, what: str, values: Mapping[str, torch.Tensor]) -> None:
+        if bool(torch.isfinite(value).all()):
+            return
+        bad = [n for n, t in values.items() if not bool(torch.isfinite(t).all())]
+        cause = f"the parameters {bad[:3]} hold NaN or inf" if bad else "check the data for NaN/inf values"
+        raise HesseError(f"the full-data {what} is NaN or inf: {cause}; or use float64 if the model overflows.")
 
     def evaluate(self, at: Point = None, *, gradient: bool = False,
                  buffers: Mapping[str, torch.Tensor] | None = None) -> Evaluation:
@@ -385,7 +386,7 @@ class Objective:
         def per_batch(batch: Batch, _: int, weight: float) -> torch.Tensor:
             def loss_and_output(v):
                 output, target = self.call_model(v, batch, buffers)
-                loss = self.check_loss(self.criterion(output, target))
+                loss = self.criterion_loss(output, target)
                 return loss, (loss.detach(), output.detach() if isinstance(output, torch.Tensor) else output, target)
 
             if gradient:
