@@ -125,9 +125,9 @@ def per_layer(
     names = list(D.blocks)
     slices = [D.blocks[n] for n in names]
     gen = torch.Generator().manual_seed(seed)
-    nan = {n: float("nan") for n in names}
-    res = PerLayerResult(names, {n: s.stop - s.start for n, s in zip(names, slices)}, dict(nan),
-                         {n: False for n in names}, dict(nan), {n: float("inf") for n in names}, used)
+    nan, sizes = {n: float("nan") for n in names}, {n: s.stop - s.start for n, s in zip(names, slices)}
+    res = PerLayerResult(names, sizes, dict(nan), dict.fromkeys(names, False), dict(nan),
+                         dict.fromkeys(names, math.inf), used)
     lz = Lanczos(D.matmat, D.size, D.dtype, D.device, segments=slices, on_breakdown="stop")
     with progress_bar(total=trace_probes + max_steps, desc="per-layer", enabled=progress, unit="matvec") as bar:
         eigen_done = False
@@ -142,8 +142,8 @@ def per_layer(
             if not eigen_done:  # the Ritz values so far, unconverged
                 _record_top_eigenvalues(lz, res, [False] * len(names))
             return interrupted(error, res, on_interrupt, "per_layer")
-    if not all(res.eigen_converged.values()):
-        bad = [n for n in names if not res.eigen_converged[n]]
+    bad = [n for n in names if not res.eigen_converged[n]]
+    if bad:
         warnings.warn(f"per_layer: top eigenvalue of blocks {bad} did not converge to tol={tol:g} in "
                       f"{max_steps} steps; raise max_steps.", NotConvergedWarning, stacklevel=2)
     return res

@@ -81,15 +81,19 @@ def eigenvalues(
     result = solver.result(interrupted=False)
     result.matvecs += used
     if not result.all_converged:
-        warnings.warn(
-            f"eigenvalues: {int((~result.converged).sum())} of {len(result.converged)} eigenpairs "
-            f"({k} requested) did not reach tol={tol:g} within max_matvecs={max_matvecs} (largest "
-            f"residual {float(result.residuals.max()):.2e}); raise max_matvecs or tol"
-            + (", or use method='lanczos' (faster)." if method == "power" else ", or raise ncv."),
-            NotConvergedWarning,
-            stacklevel=2,
-        )
+        _warn_unconverged(result, k, tol, max_matvecs, method)
     return result
+
+
+def _warn_unconverged(result: EigenResult, k: int, tol: float, max_matvecs: int, method: str) -> None:
+    warnings.warn(
+        f"eigenvalues: {int((~result.converged).sum())} of {len(result.converged)} eigenpairs "
+        f"({k} requested) did not reach tol={tol:g} within max_matvecs={max_matvecs} (largest "
+        f"residual {float(result.residuals.max()):.2e}); raise max_matvecs or tol"
+        + (", or use method='lanczos' (faster)." if method == "power" else ", or raise ncv."),
+        NotConvergedWarning,
+        stacklevel=3,
+    )
 
 
 def _check_arguments(k, which, tol, max_matvecs, method, block_size, ncv, on_interrupt) -> None:
