@@ -208,7 +208,8 @@ class _Dense:
 class _ThickRestart:
     """Thick-restart (block) Lanczos of :mod:`hesse.linalg.lanczos` on one recurrence."""
 
-    def __init__(self, op, k, which, tol, max_matvecs, V0, b, ncv, gen):
+    def __init__(self, op: LinearOperator, k: int, which: str, tol: float, max_matvecs: int,
+                 V0: torch.Tensor | None, b: int, ncv: int, gen: torch.Generator):
         self.op, self.k, self.which, self.tol, self.max_matvecs = op, k, which, tol, max_matvecs
         self.b, self.ncv, self.gen = b, ncv, gen
         start = V0 if V0 is not None else gaussian_block(op.size, b, gen, op.dtype, op.device)
@@ -249,7 +250,8 @@ class _Power:
     products, no extra ones) removes the errors they left in each other.
     """
 
-    def __init__(self, op, k, which, tol, max_matvecs, V0, gen):
+    def __init__(self, op: LinearOperator, k: int, which: str, tol: float, max_matvecs: int,
+                 V0: torch.Tensor | None, gen: torch.Generator):
         self.op, self.k, self.which, self.tol, self.max_matvecs, self.V0, self.gen = (
             op, k, which, tol, max_matvecs, V0, gen)
         self.sign = -1.0 if which == "smallest" else 1.0

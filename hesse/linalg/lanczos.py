@@ -183,7 +183,9 @@ def order(theta: np.ndarray, which: str) -> np.ndarray:
     return np.argsort(-np.abs(theta), kind="stable")
 
 
-def converged(residuals: np.ndarray, theta: np.ndarray, anorm: float, tol: float, dtype: torch.dtype) -> np.ndarray:
+def converged(
+    residuals: np.ndarray, theta: np.ndarray, anorm: float, tol: float, dtype: torch.dtype
+) -> np.ndarray:
     """The convergence rule ``||A y - theta y|| <= max(tol |theta|, 10 eps ||A||)``."""
     return residuals <= np.maximum(tol * np.abs(theta), 10 * torch.finfo(dtype).eps * anorm)
 
