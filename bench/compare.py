@@ -62,7 +62,7 @@ TOOLS = {
 TOOL_ONLY = {"eigenthings50": ("top1", "top5")}
 TOOL_CFG = {"eigenthings50": {"eigenthings_max_iter": 50}}
 TOOL_IMPORTS = {
-    "hesse": ["hesse", "hesse.linalg", "hesse.analysis", "hesse.analysis.spectrum"],
+    "hesse": ["hesse", "hesse.linalg", "hesse.analysis", "hesse.linalg.quadrature"],
     "pyhessian": ["pyhessian"],
     "eigenthings": ["hessian_eigenthings"],
     "curvlinops": ["curvlinops", "scipy.sparse.linalg"],

@@ -37,7 +37,7 @@ _LOCATIONS = {
     "Hessian": ("hesse", "hesse.operators"),
     "eigenvalues": ("hesse", "hesse.linalg"),
     "trace": ("hesse", "hesse.linalg"),
-    "density": ("hesse", "hesse.analysis", "hesse.analysis.spectrum"),
+    "density": ("hesse", "hesse.linalg", "hesse.analysis"),
 }
 
 

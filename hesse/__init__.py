@@ -15,7 +15,6 @@ from hesse.analysis import (
     SharpnessMonitor,
     batch_size_sharpness,
     bulk_outlier_split,
-    density,
     interpolate,
     loss_landscape,
     per_layer,
@@ -23,7 +22,7 @@ from hesse.analysis import (
     stability,
 )
 from hesse.errors import HesseError, NotConvergedWarning
-from hesse.linalg import diagonal, eigenvalues, frobenius_norm, trace
+from hesse.linalg import density, diagonal, eigenvalues, frobenius_norm, trace
 from hesse.operators import (
     GGN,
     BlockDiagonalOperator,

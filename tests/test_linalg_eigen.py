@@ -132,9 +132,26 @@ class InterruptingOperator(LinearOperator):
 def test_keyboard_interrupt_returns_partial_result(method):
     op = InterruptingOperator(sym_matrix(SPECTRA["no_gap"]), n=15)
     with pytest.warns(NotConvergedWarning, match="interrupted"):
-        res = eigenvalues(op, k=2, method=method, progress=False)
+        res = eigenvalues(op, k=2, method=method, progress=False, on_interrupt="return")
     assert res.interrupted and not bool(res.converged.any())
     assert len(res.values) >= 1 and float(res.values[0]) <= 1.0 + 1e-9
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_keyboard_interrupt_reraises_with_partial_result(method):
+    op = InterruptingOperator(sym_matrix(SPECTRA["no_gap"]), n=15)
+    with pytest.raises(KeyboardInterrupt) as info:
+        eigenvalues(op, k=2, method=method, progress=False)
+    res = info.value.partial
+    assert res.interrupted and not bool(res.converged.any()) and res.method == method
+    assert len(res.values) >= 1 and float(res.values[0]) <= 1.0 + 1e-9
+
+
+def test_keyboard_interrupt_of_the_dense_path():
+    op = InterruptingOperator(sym_matrix(np.arange(1.0, 13.0)), n=2)  # symmetry check, then the matrix
+    with pytest.raises(KeyboardInterrupt) as info:
+        eigenvalues(op, k=3, progress=False)
+    assert info.value.partial.interrupted and len(info.value.partial.values) == 0
 
 
 def test_result_to_dict_and_repr():

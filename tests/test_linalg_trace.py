@@ -113,10 +113,54 @@ class InterruptingOperator(LinearOperator):
 def test_keyboard_interrupt_keeps_finished_probes(method):
     A = sym_matrix(np.linspace(1, 2, P))
     op = InterruptingOperator(A, n=3)  # the symmetry check is call 1, then chunks of 8
-    with pytest.warns(NotConvergedWarning, match="interrupted"):
-        res = trace(op, method, budget=60, chunk_size=8, progress=False)
+    with pytest.warns(NotConvergedWarning, match="trace interrupted"):
+        res = trace(op, method, budget=60, chunk_size=8, progress=False, on_interrupt="return")
     assert res.interrupted and res.matvecs > 0
     assert abs(res.estimate - 1.5 * P) <= 5 * res.stderr
+    with pytest.raises(KeyboardInterrupt) as info:  # the default re-raises, carrying the same partial
+        trace(InterruptingOperator(A, n=3), method, budget=60, chunk_size=8, progress=False)
+    assert info.value.partial.interrupted and info.value.partial.estimate == res.estimate
+
+
+# budget 60 in chunks of 8: hutch++ sketches 20 probes (3 calls), xtrace 30 (4 calls)
+@pytest.mark.parametrize("method, n, done", [("hutch++", 3, 8), ("hutch++", 6, 28), ("xtrace", 3, 8), ("xtrace", 7, 38)])
+def test_keyboard_interrupt_in_each_phase(method, n, done):
+    A = sym_matrix(np.linspace(1, 2, P))
+    with pytest.raises(KeyboardInterrupt) as info:
+        trace(InterruptingOperator(A, n=n), method, budget=60, chunk_size=8, progress=False)
+    res = info.value.partial
+    assert res.interrupted and res.matvecs == 2 + done
+    assert abs(res.estimate - 1.5 * P) <= 5 * res.stderr
+
+
+def test_keyboard_interrupt_of_the_exact_trace_and_diagonal():
+    d = np.linspace(1, 2, 40)
+    A = torch.diag(torch.tensor(d))
+    with pytest.warns(NotConvergedWarning, match="^trace interrupted"):
+        res = trace(InterruptingOperator(A, n=4), budget=99, chunk_size=8, progress=False, on_interrupt="return")
+    assert res.interrupted and res.method.startswith("exact (interrupted")
+    assert np.isfinite(res.estimate) and abs(res.estimate - d.sum()) <= 5 * res.stderr + 1e-9
+    with pytest.raises(KeyboardInterrupt) as info:
+        diagonal(InterruptingOperator(A, n=4), budget=99, chunk_size=8, progress=False)
+    diag = info.value.partial
+    assert diag.interrupted and diag.matvecs == 2 + 16
+    torch.testing.assert_close(diag.estimate[:16], torch.tensor(d[:16]))
+    assert bool(diag.estimate[16:].isnan().all())
+
+
+@pytest.mark.parametrize("call", [
+    lambda op, **kw: diagonal(op, "hutchinson", budget=60, chunk_size=8, **kw),
+    lambda op, **kw: diagonal(op, "xdiag", budget=60, chunk_size=8, **kw),
+    lambda op, **kw: frobenius_norm(op, budget=60, chunk_size=8, **kw),
+], ids=["hutchinson", "xdiag", "frobenius"])
+def test_keyboard_interrupt_of_diagonal_and_norm(call):
+    A = sym_matrix(np.linspace(1, 2, P))
+    with pytest.warns(NotConvergedWarning, match="interrupted"):
+        res = call(InterruptingOperator(A, n=4), progress=False, on_interrupt="return")
+    assert res.interrupted and res.matvecs == 2 + 16
+    with pytest.raises(KeyboardInterrupt) as info:
+        call(InterruptingOperator(A, n=4), progress=False)
+    assert info.value.partial.interrupted
 
 
 def test_results_are_json_ready():
@@ -149,10 +193,18 @@ def test_probes_go_in_chunks_of_32(method, calls):
     assert res.matvecs == sum(calls)
 
 
-def test_progress_bar_path_runs(capsys):
-    trace(A_LOW, budget=9)
-    diagonal(A_LOW, budget=8)
-    frobenius_norm(A_LOW, budget=8)
+def test_progress_bar_shown_when_asked_and_silent_when_off(capsys):
+    trace(A_LOW, budget=9, progress=True)
+    diagonal(A_LOW, budget=8, progress=True)
+    frobenius_norm(A_LOW, budget=8, progress=True)
+    err = capsys.readouterr().err
+    assert "trace (hutch++)" in err and "diagonal (xdiag)" in err and "frobenius_norm" in err
+    trace(A_LOW, budget=9, progress=False)
+    diagonal(A_LOW, budget=8, progress=False)
+    frobenius_norm(A_LOW, budget=8, progress=False)
+    assert capsys.readouterr() == ("", "")
+    trace(A_LOW, budget=9)  # the default (None) shows bars only on a terminal; captured stderr is not one
+    assert capsys.readouterr().err == ""
 
 
 def test_small_operators_get_the_exact_trace_and_diagonal():

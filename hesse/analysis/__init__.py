@@ -3,13 +3,14 @@
 from hesse.analysis.landscape import Landscape, interpolate, loss_landscape, normalize_direction, random_direction
 from hesse.analysis.monitor import SharpnessMonitor
 from hesse.analysis.sharpness import SharpnessResult, sharpness
-from hesse.analysis.spectrum import DensityResult, bulk_outlier_split, density, per_layer
+from hesse.analysis.spectrum import bulk_outlier_split, per_layer
 from hesse.analysis.stability import (
     BatchSharpnessResult,
     StabilityResult,
     batch_size_sharpness,
     stability,
 )
+from hesse.linalg import DensityResult, density  # moved to hesse.linalg; re-exported for existing callers
 
 __all__ = [
     "BatchSharpnessResult", "DensityResult", "Landscape", "SharpnessMonitor", "SharpnessResult",

@@ -36,7 +36,7 @@ from torch import nn
 
 from hesse.errors import HesseError
 from hesse.operators import LinearOperator
-from hesse.operators.curvature import ParamSpec
+from hesse.operators.objective import ParamSpec
 from hesse.operators.data import Batch, ForwardFn
 from hesse.results import to_jsonable
 from hesse.analysis.landscape import resolve_reduction

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from hesse.errors import HesseError
 from hesse.analysis.landscape import Evaluator, preserved
-from hesse.operators.curvature import ParamSpec
+from hesse.operators.objective import ParamSpec
 from hesse.operators.data import Batch, ForwardFn
 from hesse.results import _ResultMixin
 

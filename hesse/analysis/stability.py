@@ -26,9 +26,8 @@ from typing import Callable
 import numpy as np
 
 from hesse.errors import HesseError
-from hesse.linalg._common import check_positive
-from hesse.linalg.eigen import eigenvalues
-from hesse.linalg.trace import trace
+from hesse.linalg import eigenvalues, trace
+from hesse.linalg.checks import check_positive
 from hesse.results import _fmt, _ResultMixin
 
 EDGE_BAND = 0.9

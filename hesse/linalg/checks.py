@@ -1,21 +1,22 @@
-"""Shared plumbing of the estimators: input checks, probes, orthogonalisation, progress."""
+"""Input checks shared by the estimators and the analyses built on them.
+
+Every check raises a :class:`hesse.HesseError` whose message names the fix.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from hesse.errors import HesseError
 from hesse.operators import LinearOperator, as_operator
-
-DEFAULT_CHUNK = 32
 
 
 def prepare_operator(obj, check_symmetric: bool, seed: int) -> tuple[LinearOperator, int]:
     """``as_operator(obj)``, checked to be square and (optionally) symmetric.
 
+    The symmetry test compares ``y^T A x`` with ``x^T A y`` for two Gaussian vectors.
     Returns the operator and the number of single-vector products the check used (0 or 2).
     """
     op = as_operator(obj)
@@ -57,39 +58,6 @@ def check_positive(name: str, value, integer: bool = False) -> None:
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise a HesseError unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise HesseError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}.")
-
-
-def probes(
-    P: int, m: int, distribution: str, gen: torch.Generator, op: LinearOperator
-) -> torch.Tensor:
-    """``m`` isotropic probe vectors (``E[z z^T] = I``) as a ``[P, m]`` tensor on the operator's device."""
-    if distribution == "rademacher":
-        Z = torch.randint(0, 2, (P, m), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
-    else:
-        Z = torch.randn(P, m, generator=gen, dtype=torch.float64)
-    return Z.to(op.dtype).to(op.device)
-
-
-def make_progress(total: int | None, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, unit="matvec")
-
-
-def orthonormalize_against(
-    X: torch.Tensor, basis: torch.Tensor | None, passes: int = 2
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classical Gram-Schmidt of ``X`` against ``basis`` twice ("twice is enough"), then QR.
-
-    Returns ``(Q, norms)`` where ``norms`` are the column norms of ``X`` left after
-    projecting out ``basis`` (before the QR), to detect breakdown.
-    """
-    for _ in range(passes):
-        if basis is not None and basis.shape[1] > 0:
-            X = X - basis @ (basis.T @ X)
-    norms = X.norm(dim=0)
-    Q, _ = torch.linalg.qr(X)
-    if basis is not None and basis.shape[1] > 0:  # QR may reintroduce tiny components
-        Q = Q - basis @ (basis.T @ Q)
-        Q, _ = torch.linalg.qr(Q)
-    return Q, norms

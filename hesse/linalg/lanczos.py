@@ -1,0 +1,256 @@
+"""The one Lanczos implementation of hesse: K independent (block) recurrences at once.
+
+Lanczos (1950) builds an orthonormal basis ``V`` of the Krylov space
+``span{q, A q, A^2 q, ...}``; the projected matrix ``H = V^T A V`` is tridiagonal and its
+eigenvalues (Ritz values) approximate the extreme eigenvalues of ``A``. Here every new
+direction is orthogonalised against the *whole* basis by classical Gram-Schmidt twice
+("twice is enough", Giraud et al. 2005), so ``V`` stays orthonormal in floating point and
+there are no ghost (spurious duplicate) Ritz values; ``H`` is computed as ``V^T (A Q)``
+for each new block ``Q``, which makes it exact (the Rayleigh-Ritz form of Lanczos). With
+``window=2`` only the last two vectors are kept: the plain three-term recurrence.
+
+One :class:`Lanczos` holds ``K`` independent recurrences in one tall basis ``[N, m]``:
+recurrence ``k`` owns the rows ``segments[k]``, so column ``j`` of ``V`` holds step ``j`` of
+every recurrence and each step costs ONE call of ``matmat`` on ``[N, c]``. It serves
+
+* :func:`hesse.linalg.eigenvalues`: ``K = 1``, blocks of ``c = block_size`` directions and
+  thick restart (Wu & Simon 2000; Stathopoulos, Saad & Wu 1998), driven by
+  :func:`thick_restart`;
+* :func:`hesse.linalg.density` (stochastic Lanczos quadrature): ``K`` probes, each in its
+  own copy of ``R^P`` (``N = K P``), driven by :func:`krylov_steps` and read by
+  :func:`gauss_quadrature`;
+* :func:`hesse.analysis.per_layer`: one recurrence per diagonal block of a block-diagonal
+  operator (``N = P``, segments = the blocks' slices), driven by :func:`krylov_steps`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from hesse.linalg.probes import gaussian_block
+
+BREAKDOWN = 1e-6  # a direction keeping less than this fraction of its norm is in the span
+WHICH = ("largest", "smallest", "magnitude")
+
+
+def orthonormalize_against(X: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classical Gram-Schmidt of ``X`` against ``basis`` twice, then QR.
+
+    Returns ``(Q, norms)``: ``norms`` are the column norms of ``X`` left after projecting
+    out ``basis`` (before the QR), to detect breakdown.
+    """
+    for _ in range(2):
+        if basis.shape[1] > 0:
+            X = X - basis @ (basis.T @ X)
+    norms = X.norm(dim=0)
+    Q, _ = torch.linalg.qr(X)
+    if basis.shape[1] > 0:  # QR may reintroduce tiny components
+        Q = Q - basis @ (basis.T @ Q)
+        Q, _ = torch.linalg.qr(Q)
+    return Q, norms
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to(torch.float64).cpu().numpy()
+
+
+class Lanczos:
+    """``K`` Lanczos recurrences (basis ``V``, optional products ``W = A V``, ``H = V^T A V``).
+
+    ``matmat`` multiplies ``[N, c]``; ``segments[k]`` are the rows of recurrence ``k``
+    (default: one recurrence on all rows). ``on_breakdown``: when a new direction lies in
+    the span (an invariant subspace was found) replace it by a random one (``"random"``,
+    for eigenvalues) or end that recurrence (``"stop"``). ``window``: keep only the last
+    ``window`` basis vectors (no full reorthogonalisation). State is replaced atomically,
+    so it is consistent whenever Ctrl-C arrives.
+    """
+
+    def __init__(
+        self, matmat: Callable[[torch.Tensor], torch.Tensor], size: int, dtype: torch.dtype,
+        device: torch.device | str, *, segments: list[slice] | None = None, keep_products: bool = False,
+        window: int | None = None, on_breakdown: str = "stop", generator: torch.Generator | None = None,
+    ):
+        self.matmat, self.dtype, self.device = matmat, dtype, device
+        self.segments = segments if segments is not None else [slice(0, size)]
+        self.window, self.on_breakdown = window, on_breakdown
+        self.gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        K = len(self.segments)
+        self.V = torch.zeros(size, 0, dtype=dtype, device=device)
+        self.W = torch.zeros_like(self.V) if keep_products else None
+        self.AQ: torch.Tensor | None = None  # products of the newest block: the next Krylov direction
+        self.H = np.zeros((K, 0, 0))
+        self.lengths = np.zeros(K, dtype=int)  # columns in each recurrence's basis
+        self.active = np.ones(K, dtype=bool)
+        self.products = 0  # columns passed to matmat
+
+    @property
+    def dim(self) -> int:
+        """Columns of the projected matrix (steps x block size, or the kept size after a restart)."""
+        return self.H.shape[1]
+
+    def extend(self, X: torch.Tensor, finish: Callable[[np.ndarray], np.ndarray] | None = None,
+               multiply: bool = True) -> int:
+        """Add the directions ``X`` (``[N, c]``) to every active recurrence; returns columns multiplied.
+
+        ``finish(beta)`` (``beta[k]``: norm of recurrence ``k``'s first new direction after
+        orthogonalisation, the Lanczos ``beta_j``) may end recurrences before the product;
+        ``multiply=False`` only runs that check (and the breakdown test).
+        """
+        Q, before, after = self._orthonormalize(X)
+        dead = after <= BREAKDOWN * np.maximum(before, np.finfo(float).tiny)
+        if dead.any() and self.on_breakdown == "random":
+            Q = self._replace_dead(X, Q, dead)
+        else:
+            self.active &= ~dead.any(1)
+        if finish is not None and self.dim > 0:
+            self.active &= ~finish(after[:, 0])
+        if not multiply or not self.active.any():
+            return 0
+        for k in np.flatnonzero(~self.active):
+            Q[self.segments[k]] = 0
+        return self._append(Q)
+
+    def _orthonormalize(self, X: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        Q = torch.zeros_like(X)
+        before, after = np.zeros((len(self.segments), X.shape[1])), np.zeros((len(self.segments), X.shape[1]))
+        for k in np.flatnonzero(self.active):
+            s = self.segments[k]
+            before[k] = _numpy(X[s].norm(dim=0))
+            Q[s], norms = orthonormalize_against(X[s], self.V[s])
+            after[k] = _numpy(norms)
+        return Q, before, after
+
+    def _replace_dead(self, X: torch.Tensor, Q: torch.Tensor, dead: np.ndarray) -> torch.Tensor:
+        """Random directions instead of those in the span (keeps the basis growing)."""
+        X = X.clone()
+        for k in np.flatnonzero(dead.any(1)):
+            s, cols = self.segments[k], torch.from_numpy(np.flatnonzero(dead[k]))
+            X[s, cols] = gaussian_block(s.stop - s.start, len(cols), self.gen, self.dtype, self.device)
+            Q[s], _ = orthonormalize_against(X[s], self.V[s])
+        return Q
+
+    def _append(self, Q: torch.Tensor) -> int:
+        """Multiply ``Q`` (one call), extend ``H`` by ``V^T A Q`` and ``Q^T A Q``, append ``Q``."""
+        AQ = self.matmat(Q)
+        m, c, kept = self.dim, Q.shape[1], self.V.shape[1]
+        H = np.zeros((len(self.segments), m + c, m + c))
+        H[:, :m, :m] = self.H
+        for k in np.flatnonzero(self.active):
+            s = self.segments[k]
+            cross, diag = _numpy(self.V[s].T @ AQ[s]), _numpy(Q[s].T @ AQ[s])
+            H[k, m - kept:m, m:], H[k, m:, m - kept:m] = cross, cross.T
+            H[k, m:, m:] = (diag + diag.T) / 2
+        V, W = torch.cat([self.V, Q], 1), None if self.W is None else torch.cat([self.W, AQ], 1)
+        if self.window is not None:
+            V = V[:, -self.window:]
+        lengths = self.lengths + c * self.active
+        # assign together so an interrupt never leaves V, W, H inconsistent
+        self.V, self.W, self.H, self.AQ, self.lengths = V, W, H, AQ, lengths
+        self.products += c
+        return c
+
+    def ritz(self, which: str, k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Ritz values of recurrence ``k``, most wanted first, and their vectors in the basis."""
+        L = self.lengths[k]
+        theta, S = np.linalg.eigh(self.H[k, :L, :L])
+        idx = order(theta, which)
+        return theta[idx], S[:, idx]
+
+    def ritz_pairs(self, theta: np.ndarray, S: np.ndarray, n: int):
+        """The first ``n`` Ritz vectors ``Y = V S``, residuals ``R = A Y - Y theta`` and their
+        exact norms (single recurrence with ``keep_products``)."""
+        Sn = torch.from_numpy(np.ascontiguousarray(S[:, :n])).to(self.dtype).to(self.device)
+        Y, AY = self.V @ Sn, self.W @ Sn
+        R = AY - Y * torch.as_tensor(theta[:n], dtype=Y.dtype, device=Y.device)
+        return Y, R, _numpy(R.norm(dim=0))
+
+    def compress(self, S_keep: np.ndarray, theta_keep: np.ndarray) -> None:
+        """Thick restart of a single recurrence: keep only the Ritz vectors ``V S_keep``."""
+        S = torch.from_numpy(np.ascontiguousarray(S_keep)).to(self.dtype).to(self.device)
+        H = np.diag(theta_keep)[None]
+        self.V, self.W, self.H, self.lengths = self.V @ S, self.W @ S, H, np.array([len(theta_keep)])
+
+
+def order(theta: np.ndarray, which: str) -> np.ndarray:
+    """Indices of ``theta`` from most to least wanted (``which`` as in :func:`eigenvalues`)."""
+    if which == "largest":
+        return np.argsort(-theta, kind="stable")
+    if which == "smallest":
+        return np.argsort(theta, kind="stable")
+    return np.argsort(-np.abs(theta), kind="stable")
+
+
+def converged(
+    residuals: np.ndarray, theta: np.ndarray, anorm: float, tol: float, dtype: torch.dtype
+) -> np.ndarray:
+    """The convergence rule ``||A y - theta y|| <= max(tol |theta|, 10 eps ||A||)``."""
+    return residuals <= np.maximum(tol * np.abs(theta), 10 * torch.finfo(dtype).eps * anorm)
+
+
+def thick_restart(
+    lz: Lanczos, k: int, which: str, tol: float, max_matvecs: int, start: torch.Tensor, b: int, ncv: int,
+    on_step: Callable[[int], None] = lambda n: None,
+) -> None:
+    """Thick-restart (block) Lanczos for the ``k`` wanted eigenpairs of a single recurrence.
+
+    ``start`` has at least ``b`` (block size) columns. The basis grows by the residuals of the wanted unconverged Ritz pairs (for a Krylov
+    space they all point along the next Lanczos vector, so one column per step *is*
+    Lanczos); when it would exceed ``ncv`` columns only the best ``keep`` Ritz vectors stay.
+    Stops when the ``k`` wanted pairs meet :func:`converged` or after ``max_matvecs``
+    products; the result is read from ``lz`` (also after Ctrl-C).
+    """
+    min_dim = min(ncv, max(2 * k, k + b + 1))
+    keep = min(ncv - b, max(k + b, (ncv + k) // 2))
+    on_step(lz.extend(start[:, : ncv - b]))
+    while True:
+        theta, S = lz.ritz(which)
+        n = min(lz.dim, k + b)
+        _, R, res = lz.ritz_pairs(theta, S, n)
+        conv = converged(res, theta[:n], np.abs(theta).max(), tol, lz.dtype)
+        if (lz.dim >= min_dim and n >= k and conv[:k].all()) or lz.products >= max_matvecs:
+            return
+        if lz.dim + b > ncv:
+            lz.compress(S[:, :keep], theta[:keep])
+        pending = [i for i in range(n) if not conv[i]] + [i for i in range(n) if conv[i]]
+        on_step(lz.extend(R[:, pending[:b]]))
+
+
+def krylov_steps(
+    lz: Lanczos, start: torch.Tensor, steps: int, *, finish: Callable[[np.ndarray], np.ndarray] | None = None,
+    on_step: Callable[[int], None] = lambda n: None,
+) -> None:
+    """Run every recurrence of ``lz`` for up to ``steps`` single-vector Lanczos steps from
+    ``start`` (``[N, 1]``): step ``j + 1`` adds ``A q_j`` orthogonalised against the basis.
+
+    A recurrence ends at breakdown (its Krylov space is invariant) or when ``finish(beta)``
+    says so, also after the last step (without another product); ``on_step`` gets the
+    number of recurrences that advanced.
+    """
+    X = start
+    for _ in range(steps):
+        if not lz.extend(X, finish):
+            return
+        on_step(int(lz.active.sum()))
+        X = lz.AQ
+    if finish is not None:
+        lz.extend(X, finish, multiply=False)
+
+
+def gauss_quadrature(lz: Lanczos, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss quadrature of every recurrence: ``q^T f(A) q ~ sum_j tau_j f(theta_j)``.
+
+    Nodes ``theta_j`` are the Ritz values of recurrence ``k``, weights ``tau_j`` the
+    squared first components of its Ritz vectors (Golub & Welsch 1969); exact for
+    polynomials of degree ``< 2 L``. Returns ``[K, width]`` arrays, NaN/0 past ``L``.
+    """
+    K = len(lz.segments)
+    nodes, weights = np.full((K, width), np.nan), np.zeros((K, width))
+    for k in range(K):
+        L = lz.lengths[k]
+        if L:
+            theta, U = np.linalg.eigh(lz.H[k, :L, :L])
+            nodes[k, :L], weights[k, :L] = theta, U[0] ** 2
+    return nodes, weights
