@@ -35,6 +35,8 @@ class CurvatureOperator(LinearOperator):
     model, its mode, its ``requires_grad`` flags or its ``.grad``.
     """
 
+    symmetric_by_construction = True
+
     def __init__(
         self,
         model: nn.Module | Objective,

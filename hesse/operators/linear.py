@@ -28,6 +28,9 @@ class LinearOperator:
     shape: tuple[int, int]
     dtype: torch.dtype
     device: torch.device
+    symmetric_by_construction: bool = False
+    """True when the product is symmetric by construction (curvature operators and their
+    block views): estimators then skip their symmetry check."""
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -153,6 +156,7 @@ class BlockView(LinearOperator):
 
     def __init__(self, parent: LinearOperator, block: slice, name: str = "block"):
         self.parent, self.block, self.name = parent, block, name
+        self.symmetric_by_construction = parent.symmetric_by_construction
         n = block.stop - block.start
         self.shape = (n, n)
         self.dtype, self.device = parent.dtype, parent.device
@@ -173,6 +177,7 @@ class BlockDiagonalOperator(LinearOperator):
 
     def __init__(self, parent: LinearOperator, blocks: Mapping[str, slice]):
         self.parent = parent
+        self.symmetric_by_construction = parent.symmetric_by_construction
         self._blocks = dict(blocks)
         self.shape, self.dtype, self.device = parent.shape, parent.dtype, parent.device
         covered = sorted((s.start, s.stop) for s in self._blocks.values())
