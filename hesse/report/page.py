@@ -14,7 +14,8 @@ h1 { margin-bottom: 0.2rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom
 .figures { display: flex; flex-wrap: wrap; gap: 0.5rem; } .figures img { max-width: 100%; }
 table { border-collapse: collapse; font-size: 0.9rem; } td, th { padding: 0.2rem 0.7rem; text-align: left;
        border-bottom: 1px solid #eee; } .muted { color: #777; font-size: 0.85rem; }
-.warning { color: #8a4b00; } pre { background: #f6f6f6; padding: 0.6rem; overflow-x: auto; }
+.warning { color: #8a4b00; }
+.incomplete { background: #fff3cd; border: 1px solid #e0b000; padding: 0.6rem; font-weight: bold; } pre { background: #f6f6f6; padding: 0.6rem; overflow-x: auto; }
 """
 
 TITLES = {
@@ -81,6 +82,14 @@ def _num(x) -> str:
     return "n/a" if x is None else f"{x:.5g}"
 
 
+def _incomplete_banner(report: dict) -> str:
+    """A banner naming the analysis Ctrl-C stopped; empty for a complete report."""
+    if report.get("complete", True):
+        return ""
+    return (f"<p class='incomplete'>Incomplete: interrupted during {html.escape(str(report['interrupted']))}. "
+            "Only the analyses that finished before it are shown.</p>")
+
+
 def render(report: dict, summary_rows: list[tuple[str, str]]) -> str:
     """The complete HTML page for ``report`` (see :func:`hesse.report.document.build_report`)."""
     texts = report["interpretation"]
@@ -90,6 +99,7 @@ def render(report: dict, summary_rows: list[tuple[str, str]]) -> str:
         f"<title>hesse report: {html.escape(report['model']['description'])}</title>",
         f"<style>{STYLE}</style></head><body>",
         "<h1>Curvature report</h1>",
+        _incomplete_banner(report),
         f"<p class='muted'>hesse {html.escape(report['versions']['hesse'])}, "
         f"{html.escape(report['created_utc'])}, seed {report['settings']['seed']}</p>",
         f"<p>{html.escape(texts['overview'])}</p>",
