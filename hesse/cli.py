@@ -29,6 +29,7 @@ import hesse
 from hesse.errors import HesseError
 from hesse.examples import EXAMPLES, Dataset, Problem, classifier_example, load_dataset, minilm_example
 from hesse.examples.datasets import DATASETS
+from hesse.operators.curvature import CurvatureOperator
 from hesse.operators.data import default_forward, default_num_samples
 from hesse.report import (
     ANALYSES,
@@ -113,6 +114,7 @@ def load_factory(spec: str, what: str) -> Callable:
 
 
 def call_factory(factory: Callable, what: str) -> Any:
+    """Call a user factory; its exception becomes a one-line :class:`CliError`."""
     try:
         return factory()
     except Exception as error:
@@ -230,7 +232,7 @@ def first_samples(data: Iterable, max_samples: int) -> list:
 
 def one_hot_targets(forward: Callable) -> Callable:
     """Wrap a forward hook so class-index targets become one-hot (for ``--loss mse``)."""
-    def wrapped(model: nn.Module, batch: Any):
+    def wrapped(model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:
         output, target = forward(model, batch)
         class_indices = isinstance(target, torch.Tensor) and not target.dtype.is_floating_point
         if class_indices and output.ndim == target.ndim + 1:
@@ -240,7 +242,7 @@ def one_hot_targets(forward: Callable) -> Callable:
     return wrapped
 
 
-def make_operator(problem: Problem, data: Any, curvature: str, fisher_kind: str, seed: int):
+def make_operator(problem: Problem, data: Any, curvature: str, fisher_kind: str, seed: int) -> CurvatureOperator:
     """The curvature operator the options ask for (products never show progress bars)."""
     common = dict(params=problem.params, forward=problem.forward)
     if curvature == "hessian":
@@ -458,7 +460,7 @@ def make_plan(request: Request, problem: Problem) -> Plan:
     return Plan(options, analyses, batch_size, source)
 
 
-def _operator(request: Request, problem: Problem, plan: Plan):
+def _operator(request: Request, problem: Problem, plan: Plan) -> CurvatureOperator:
     """Apply --loss, --params and --device to the problem and build the curvature operator."""
     if problem.criterion is None or request.loss != "cross_entropy":
         problem.criterion = LOSSES[request.loss]()
@@ -475,7 +477,7 @@ def _operator(request: Request, problem: Problem, plan: Plan):
     return make_operator(problem, data, request.curvature, request.fisher_kind, request.seed)
 
 
-def _loss_and_gradient(op, quiet: bool) -> tuple[float, float]:
+def _loss_and_gradient(op: CurvatureOperator, quiet: bool) -> tuple[float, float]:
     """The loss and gradient norm at the weights; an error in the user's model is one line."""
     _stage(f"{op!r}: loss and gradient", quiet)
     try:
@@ -486,7 +488,7 @@ def _loss_and_gradient(op, quiet: bool) -> tuple[float, float]:
         raise CliError(f"running the model on the data failed: {describe(error)}") from error
 
 
-def _run(op, request: Request, plan: Plan, problem: Problem) -> AnalysisRun:
+def _run(op: CurvatureOperator, request: Request, plan: Plan, problem: Problem) -> AnalysisRun:
     """Run the analyses; after Ctrl-C, the finished part (or nothing, if none finished)."""
     settings = AnalysisSettings(analyses=plan.analyses, seed=request.seed, layer_blocks=problem.layer_blocks,
                                 train_batch_size=plan.train_batch_size,

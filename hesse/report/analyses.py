@@ -1,4 +1,4 @@
-"""Run the requested spectral analyses on one curvature operator, timing each one."""
+"""Run the requested analyses on one curvature operator, timing each one; Ctrl-C keeps what finished."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from hesse.analysis.sharpness import sharpness
 from hesse.errors import HesseError
 from hesse.linalg import eigenvalues, trace
 from hesse.operators import Objective
+from hesse.operators.curvature import CurvatureOperator
 
 SPECTRAL_ANALYSES = ("eigenvalues", "trace", "density", "per-layer", "stability")
 EXTRA_ANALYSES = ("landscape", "sharpness")
@@ -66,6 +67,7 @@ class AnalysisRun:
 
     @property
     def complete(self) -> bool:
+        """True when every requested analysis finished."""
         return self.interrupted is None
 
 
@@ -81,7 +83,7 @@ def _sharpness_measures(objective: Objective, seed: int, progress: bool) -> dict
     }
 
 
-def _analysis_calls(op, s: AnalysisSettings, progress: bool) -> dict[str, Callable[[], Any]]:
+def _analysis_calls(op: CurvatureOperator, s: AnalysisSettings, progress: bool) -> dict[str, Callable[[], Any]]:
     """One no-argument call per analysis, with the settings' budgets."""
     return {
         "eigenvalues": lambda: eigenvalues(op, k=s.top_k, which="largest", tol=s.tol, seed=s.seed, progress=progress),
@@ -103,7 +105,7 @@ def _analysis_calls(op, s: AnalysisSettings, progress: bool) -> dict[str, Callab
 
 
 def run_analyses(
-    op, settings: AnalysisSettings, *, progress: bool = True, on_start: Callable[[str], None] | None = None
+    op: CurvatureOperator, settings: AnalysisSettings, *, progress: bool = True, on_start: Callable[[str], None] | None = None
 ) -> AnalysisRun:
     """Run ``settings.analyses`` in the canonical order on ``op``.
 

@@ -84,7 +84,7 @@ def build_report(
 
 def summary_rows(report: dict) -> list[tuple[str, str]]:
     """Key numbers as (label, value) rows, for the terminal and the HTML summary."""
-    def g(x) -> str:
+    def g(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.5g}"
 
     results = report["results"]

@@ -30,6 +30,7 @@ TITLES = {
 
 
 def _img(png: str, alt: str) -> str:
+    """An ``<img>`` tag embedding a base64 PNG."""
     return f'<img src="data:image/png;base64,{png}" alt="{html.escape(alt)}">'
 
 
@@ -63,11 +64,13 @@ def figures(report: dict) -> dict[str, list[str]]:
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
+    """A two-column table of (label, value) rows."""
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f"<table>{cells}</table>"
 
 
 def _per_layer_table(layers: dict) -> str:
+    """One row per block: size, top eigenvalue, trace and its standard error."""
     head = "<tr><th>block</th><th>size</th><th>top eigenvalue</th><th>trace</th><th>± s.e.</th></tr>"
     body = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{layers['sizes'][n]:,}</td>"
@@ -78,7 +81,8 @@ def _per_layer_table(layers: dict) -> str:
     return f"<table>{head}{body}</table>"
 
 
-def _num(x) -> str:
+def _num(x: float | None) -> str:
+    """A number to 5 significant digits, ``n/a`` for a missing one."""
     return "n/a" if x is None else f"{x:.5g}"
 
 

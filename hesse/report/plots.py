@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,7 +30,8 @@ def _png(fig: Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _floats(values) -> np.ndarray:
+def _floats(values: Sequence[float | None]) -> np.ndarray:
+    """A float array with ``None`` (JSON's missing numbers) as NaN."""
     return np.array([np.nan if v is None else v for v in values], dtype=float)
 
 
