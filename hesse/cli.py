@@ -390,7 +390,7 @@ def main() -> None:
               help="Report folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing hesse report in --out.")
 @click.option("--no-progress", is_flag=True,
-              help="No progress bars (shown on a terminal) or stage messages (shown otherwise).")
+              help="Silence the stage messages and the progress bars (bars only when stderr is a terminal).")
 @click.option("--json-only", is_flag=True, help="Write report.json only (no index.html, no plots).")
 def analyze(landscape: bool, sharpness: bool, no_progress: bool, **options: Any) -> None:
     """Compute the curvature of a model's loss and write report.json and index.html.
@@ -417,7 +417,7 @@ def _analyze(request: Request) -> None:
     _prepare(request)
     problem = build_problem(request.example, request.model_spec, request.checkpoint, request.hf_model,
                             request.data_spec, request.seed, request.quiet)
-    plan = make_plan(request, problem)
+    plan = _plan(request, problem)
     op = _operator(request, problem, plan)
     loss_value, gradient_norm = _loss_and_gradient(op, request.quiet)
     setup_seconds = {"setup": time.perf_counter() - started}
@@ -449,7 +449,7 @@ def _prepare(request: Request) -> None:
         torch.set_num_threads(request.threads)
 
 
-def make_plan(request: Request, problem: Problem) -> Plan:
+def _plan(request: Request, problem: Problem) -> Plan:
     """Resolve option values, the analyses to run and the training batch size."""
     options = resolve(request.budgets, problem)
     analyses = parse_analyses(options["analyses"], options["lr"], explicit=request.budgets.get("analyses") is not None)
