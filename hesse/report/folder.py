@@ -41,6 +41,7 @@ def check_output_folder(folder: Path, overwrite: bool) -> None:
 
 
 def _umask() -> int:
+    """The process's file-creation mask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -61,6 +62,7 @@ def write_report_folder(folder: Path, files: dict[str, str], overwrite: bool) ->
 
 
 def _swap_in(folder: Path, files: dict[str, str]) -> None:
+    """Write ``files`` into a staging sibling and rename it to ``folder``; undo on any error."""
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     retired: Path | None = None
     try:

@@ -12,10 +12,12 @@ CURVATURE_NAMES = {
 
 
 def _g(x: float | None) -> str:
+    """A number to 4 significant digits, ``n/a`` if missing or not finite."""
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4g}"
 
 
 def overview(report: dict) -> str:
+    """What was analysed: model, data, matrix, loss and gradient norm."""
     model, data, curvature = report["model"], report["data"], report["curvature"]
     return (
         f"Curvature of the training loss of {model['description']} with {model['num_parameters']:,} "
@@ -28,6 +30,7 @@ def overview(report: dict) -> str:
 
 
 def _training(training: dict | None) -> str:
+    """How the built-in example was trained, if it was."""
     if not training:
         return ""
     return (f" The model was trained here with {training['optimizer']} (lr {training['lr']:g}, batch "
@@ -36,6 +39,7 @@ def _training(training: dict | None) -> str:
 
 
 def eigenvalues(report: dict) -> str:
+    """The top eigenvalues and the largest stable gradient-descent learning rate."""
     eig = report["results"]["eigenvalues"]
     values = [v for v in eig["values"] if v is not None]
     if not values:
@@ -57,6 +61,7 @@ def eigenvalues(report: dict) -> str:
 
 
 def trace(report: dict) -> str:
+    """The trace estimate, its error and the mean eigenvalue."""
     tr = report["results"]["trace"]
     P = report["model"]["num_parameters"]
     if tr["estimate"] is None:
@@ -78,6 +83,7 @@ def trace(report: dict) -> str:
 
 
 def density(report: dict) -> str:
+    """The shape of the spectrum: bulk, outliers and negative mass."""
     outliers = report.get("outliers") or {}
     dens = report["results"]["density"]
     text = (
@@ -115,6 +121,7 @@ def _negative_mass(dens: dict) -> float:
 
 
 def per_layer(report: dict) -> str:
+    """Which blocks carry the most curvature."""
     layers = report["results"]["per_layer"]
     names = layers["names"]
     traces = {n: layers["trace"][n] for n in names if layers["trace"][n] is not None}
@@ -135,6 +142,7 @@ def per_layer(report: dict) -> str:
 
 
 def stability(report: dict) -> str:
+    """The GD and SGD stability verdicts at the learning rate."""
     st = report["results"]["stability"]
     B = st.get("batch_size", 1)
     quantity = st.get("sgd_quantity", st["trace"])
@@ -166,6 +174,7 @@ def stability(report: dict) -> str:
 
 
 def landscape(report: dict) -> str:
+    """The loss range over the plotted plane around the weights."""
     land = report["results"]["landscape"]
     values = [v for row in land["loss"] for v in row if v is not None]
     return (
@@ -179,6 +188,7 @@ def landscape(report: dict) -> str:
 
 
 def sharpness(report: dict) -> str:
+    """The worst-case and average loss rise under small weight perturbations."""
     measures = report["results"]["sharpness"]
     worst, average = measures["worst"], measures["average"]
     return (

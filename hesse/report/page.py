@@ -14,7 +14,8 @@ h1 { margin-bottom: 0.2rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom
 .figures { display: flex; flex-wrap: wrap; gap: 0.5rem; } .figures img { max-width: 100%; }
 table { border-collapse: collapse; font-size: 0.9rem; } td, th { padding: 0.2rem 0.7rem; text-align: left;
        border-bottom: 1px solid #eee; } .muted { color: #777; font-size: 0.85rem; }
-.warning { color: #8a4b00; } pre { background: #f6f6f6; padding: 0.6rem; overflow-x: auto; }
+.warning { color: #8a4b00; }
+.incomplete { background: #fff3cd; border: 1px solid #e0b000; padding: 0.6rem; font-weight: bold; } pre { background: #f6f6f6; padding: 0.6rem; overflow-x: auto; }
 """
 
 TITLES = {
@@ -29,6 +30,7 @@ TITLES = {
 
 
 def _img(png: str, alt: str) -> str:
+    """An ``<img>`` tag embedding a base64 PNG."""
     return f'<img src="data:image/png;base64,{png}" alt="{html.escape(alt)}">'
 
 
@@ -62,11 +64,13 @@ def figures(report: dict) -> dict[str, list[str]]:
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
+    """A two-column table of (label, value) rows."""
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f"<table>{cells}</table>"
 
 
 def _per_layer_table(layers: dict) -> str:
+    """One row per block: size, top eigenvalue, trace and its standard error."""
     head = "<tr><th>block</th><th>size</th><th>top eigenvalue</th><th>trace</th><th>± s.e.</th></tr>"
     body = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{layers['sizes'][n]:,}</td>"
@@ -77,8 +81,17 @@ def _per_layer_table(layers: dict) -> str:
     return f"<table>{head}{body}</table>"
 
 
-def _num(x) -> str:
+def _num(x: float | None) -> str:
+    """A number to 5 significant digits, ``n/a`` for a missing one."""
     return "n/a" if x is None else f"{x:.5g}"
+
+
+def _incomplete_banner(report: dict) -> str:
+    """A banner naming the analysis Ctrl-C stopped; empty for a complete report."""
+    if report.get("complete", True):
+        return ""
+    return (f"<p class='incomplete'>Incomplete: interrupted during {html.escape(str(report['interrupted']))}. "
+            "Only the analyses that finished before it are shown.</p>")
 
 
 def render(report: dict, summary_rows: list[tuple[str, str]]) -> str:
@@ -90,6 +103,7 @@ def render(report: dict, summary_rows: list[tuple[str, str]]) -> str:
         f"<title>hesse report: {html.escape(report['model']['description'])}</title>",
         f"<style>{STYLE}</style></head><body>",
         "<h1>Curvature report</h1>",
+        _incomplete_banner(report),
         f"<p class='muted'>hesse {html.escape(report['versions']['hesse'])}, "
         f"{html.escape(report['created_utc'])}, seed {report['settings']['seed']}</p>",
         f"<p>{html.escape(texts['overview'])}</p>",

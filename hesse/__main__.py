@@ -1,0 +1,34 @@
+"""The ``hesse`` console script: ``hesse.cli`` (click, torch, the report) imported lazily.
+
+Without the ``cli`` extra, or on Ctrl-C while the command is still loading, this prints
+one line instead of a traceback. ``python -m hesse`` runs the same command.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+CLI_REQUIREMENTS = ("click",)
+
+
+def entry() -> None:
+    """Import ``hesse.cli`` and run its command group."""
+    try:
+        cli = importlib.import_module("hesse.cli")
+    except KeyboardInterrupt:
+        print("hesse: interrupted while starting; nothing was written.", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except ModuleNotFoundError as error:
+        if error.name not in CLI_REQUIREMENTS:
+            raise
+        print(f"error: the hesse command needs {error.name}; install it with: pip install 'hesse[cli]'",
+              file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    cli.main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,81 @@
+"""The shared drawing code: figures that fit their data and their canvas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hesse
+from hesse.analysis import bulk_outlier_split
+from hesse.plotting import draw_density, draw_landscape, new_figure
+from hesse.report.plots import density_figure
+from hesse.results import to_jsonable
+
+
+@pytest.fixture(scope="module")
+def spectrum() -> dict:
+    """The SLQ density of a matrix with a bulk in [0, 1] and three outliers, as in report.json."""
+    values = torch.cat([torch.linspace(0.0, 1.0, 60, dtype=torch.float64), torch.tensor([20.0, 35.0, 50.0])])
+    op = hesse.DenseOperator(torch.diag(values))
+    result = hesse.density(op, num_probes=3, lanczos_steps=30, seed=0, progress=False)
+    report = to_jsonable(result)
+    report["outliers"] = bulk_outlier_split(result).to_dict()["outliers"]
+    return report
+
+
+def _rendered(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+@pytest.mark.parametrize("log", [True, False])
+def test_report_density_plot_fits_the_data_and_the_canvas(spectrum, log):
+    fig = density_figure(spectrum, spectrum["outliers"], log=log)
+    renderer = _rendered(fig)
+    (ax,) = fig.axes
+    values = np.array(spectrum["density"], dtype=float)
+    peak, smallest = values.max(), values[values > 0].min()
+    bottom, top = ax.get_ylim()
+    assert peak < top <= 2 * peak  # not orders of magnitude above the curve
+    if log:
+        assert ax.get_yscale() == "log"
+        assert max(smallest, peak * 1e-7) <= bottom < peak * 1e-3
+    else:
+        assert bottom == 0
+    canvas = fig.bbox
+    box = ax.get_tightbbox(renderer)  # the axes with their labels, title and tick labels
+    assert box.x0 >= canvas.x0 - 1 and box.y0 >= canvas.y0 - 1  # the x label is on the canvas
+    assert box.x1 <= canvas.x1 + 1 and box.y1 <= canvas.y1 + 1
+    assert ax.get_xlabel() == "eigenvalue"
+
+
+def test_density_without_positive_values_stays_linear():
+    fig = new_figure((4, 3))
+    ax = fig.add_subplot()
+    draw_density(ax, [0.0, 1.0], [0.0, 0.0], log=True)
+    assert ax.get_yscale() == "linear"
+
+
+@pytest.mark.parametrize("kind", ["line", "contour", "surface"])
+def test_landscape_kinds(kind):
+    alphas = np.linspace(-1, 1, 5)
+    fig = new_figure((5, 4))
+    if kind == "line":
+        ax = draw_landscape(fig, alphas, None, alphas ** 2 + 1, 1 - alphas ** 2 / 2, kind=kind, log=True,
+                            labels=("t (0 = model A, 1 = model B)", ""))
+        assert len(fig.axes) == 2 and ax.get_ylabel() == "log10 loss"  # accuracy on a twin axis
+        assert ax.get_xlabel().startswith("t (0")
+    else:
+        loss = alphas[:, None] ** 2 + 2 * alphas[None, :] ** 2 + 1
+        ax = draw_landscape(fig, alphas, alphas, loss, None, kind=kind, title="loss landscape (random)")
+        assert ax.get_title() == "loss landscape (random)" and ax.get_xlabel() == "alpha"
+    _rendered(fig)
+
+
+def test_landscape_rejects_unknown_kinds():
+    with pytest.raises(ValueError, match="line, contour, surface"):
+        draw_landscape(new_figure((4, 3)), [0.0], None, [1.0], kind="heatmap")
