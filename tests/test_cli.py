@@ -216,4 +216,4 @@ def test_params_restricts_the_analysed_parameters(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["model"]["num_parameters"] == 32 * 10 + 10 and report["settings"]["params"] == ["3.*"]
-    assert report["results"]["per_layer"]["names"] == ["3"]
+    assert report["results"]["per_layer"]["names"] == ["3 (Linear)"]

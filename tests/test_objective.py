@@ -103,3 +103,10 @@ def test_objective_and_arguments_together_are_refused(mlp_problem):
         objective.loss(at=torch.zeros(3, dtype=torch.float64))
     with pytest.raises(hesse.HesseError, match="not selected"):
         objective.values({"nope": torch.zeros(1)})
+
+
+def test_positional_modules_are_named_with_their_type():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Sequential(nn.Linear(4, 2)))
+    objective = Objective(model, nn.CrossEntropyLoss(), (torch.randn(5, 3), torch.randint(0, 2, (5,))))
+    assert list(objective.module_blocks()) == ["0 (Linear)", "2.0 (Linear)"]
+    assert hesse.Hessian(objective).block_diagonal().blocks.keys() == objective.module_blocks().keys()

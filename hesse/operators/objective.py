@@ -206,15 +206,24 @@ class Objective:
         return out
 
     def module_blocks(self) -> dict[str, slice]:
-        """One slice per module (e.g. ``conv1`` holds ``conv1.weight`` and ``conv1.bias``)."""
+        """One slice per module (e.g. ``conv1`` holds ``conv1.weight`` and ``conv1.bias``).
+
+        A module known only by its position (``1`` in an ``nn.Sequential``) is named with its
+        type, ``"1 (Linear)"``, so tables and plots stay readable.
+        """
         out: dict[str, slice] = {}
         for name, s in self.blocks.items():
-            module = name.rsplit(".", 1)[0] if "." in name else name
+            module = self._module_label(name.rsplit(".", 1)[0]) if "." in name else name
             if module in out and out[module].stop == s.start:
                 out[module] = slice(out[module].start, s.stop)
             else:
                 out[module if module not in out else name] = s
         return out
+
+    def _module_label(self, path: str) -> str:
+        if not path.rsplit(".", 1)[-1].isdigit():
+            return path
+        return f"{path} ({type(self.model.get_submodule(path)).__name__})"
 
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat ``[P]`` (or ``[P, K]`` -> ``[K, *shape]``) vector into named tensors."""
