@@ -13,14 +13,20 @@ landscape, training monitor) -> interfaces (``hesse`` CLI, ``report``).
 from hesse.analysis import (
     Landscape,
     SharpnessMonitor,
+    adaptive_sharpness,
+    average_sharpness,
     batch_size_sharpness,
     bulk_outlier_split,
     density,
+    eigenvalue_sharpness,
     interpolate,
     loss_landscape,
     per_layer,
-    sharpness,
+    sam_sharpness,
     stability,
+    stability_threshold,
+    trace_sharpness,
+    worst_case_sharpness,
 )
 from hesse.errors import HesseError, NotConvergedWarning
 from hesse.linalg import diagonal, eigenvalues, frobenius_norm, trace
@@ -40,6 +46,8 @@ __version__ = "0.1.0"
 __all__ = [
     "GGN", "BlockDiagonalOperator", "DenseOperator", "Fisher", "Hessian", "HesseError", "Landscape",
     "LinearOperator", "NotConvergedWarning", "Objective", "SharpnessMonitor", "__version__", "as_operator",
-    "batch_size_sharpness", "bulk_outlier_split", "density", "diagonal", "eigenvalues",
-    "frobenius_norm", "interpolate", "loss_landscape", "per_layer", "sharpness", "stability", "trace",
+    "adaptive_sharpness", "average_sharpness", "batch_size_sharpness", "bulk_outlier_split", "density",
+    "diagonal", "eigenvalue_sharpness", "eigenvalues", "frobenius_norm", "interpolate", "loss_landscape",
+    "per_layer", "sam_sharpness", "stability", "stability_threshold", "trace", "trace_sharpness",
+    "worst_case_sharpness",
 ]
