@@ -134,7 +134,7 @@ def _try_point(objective: Objective, w0: torch.Tensor, scale: torch.Tensor, delt
         raise HesseError(f"the loss is {evaluation.loss} at a perturbation of radius {rho}; use a smaller rho.")
     if evaluation.loss > best["loss"]:
         best.update(loss=evaluation.loss, eps=scale * delta)
-    return scale * evaluation.gradient
+    return scale * evaluation.gradient.detach()  # with unselected trainable parameters it carries their graph
 
 
 def _ascent(objective: Objective, w0: torch.Tensor, scale: torch.Tensor, g0: torch.Tensor, rho: float, norm: str,
@@ -187,7 +187,7 @@ def _ball_sharpness(measure: str, objective: Objective, eta: float | None, rho: 
             first = objective.evaluate(gradient=True)
             best.update(base=first.loss, loss=first.loss, eps=torch.zeros_like(w0))
             scale = torch.ones_like(w0) if eta is None else w0.abs() + eta
-            _ascent(objective, w0, scale, first.gradient, rho, norm, steps, restarts, step_size, seed, progress, best)
+            _ascent(objective, w0, scale, first.gradient.detach(), rho, norm, steps, restarts, step_size, seed, progress, best)
     except KeyboardInterrupt as error:
         return interrupted(error, result(), on_interrupt, f"{measure} sharpness")
     return result()
@@ -277,11 +277,12 @@ def sam_sharpness(
         with eval_mode(objective.model):
             first = objective.evaluate(gradient=True)
             partial.base_loss = first.loss
-            gnorm = float(first.gradient.norm())
+            gradient = first.gradient.detach()  # with unselected trainable parameters it is attached to their graph
+            gnorm = float(gradient.norm())
             if gnorm == 0:
                 raise HesseError("the gradient is exactly zero, so SAM's ascent direction is undefined; "
                                  "use worst_case_sharpness (random restarts) instead.")
-            eps = first.gradient * (rho / gnorm)
+            eps = gradient * (rho / gnorm)
             loss = objective.evaluate(at=objective.parameters_vector() + eps).loss
     except KeyboardInterrupt as error:
         partial.cost = objective.passes - passes
