@@ -36,6 +36,7 @@ class HalfSquaredError(nn.Module):
     reduction = "mean"
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch."""
         return 0.5 * ((output - target) ** 2).sum(1).mean()
 
 
@@ -49,13 +50,14 @@ def digits_subset(n: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tens
 
 
 def make_model(width: int, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """A 64-width-width-10 tanh MLP."""
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10)
     ).to(dtype)
 
 
-def run(lr: float, X: torch.Tensor, Y: torch.Tensor, args, log_dir: Path | None) -> dict:
+def run(lr: float, X: torch.Tensor, Y: torch.Tensor, args: argparse.Namespace, log_dir: Path | None) -> dict:
     """Train with full-batch GD at ``lr``; return the monitor's history and the losses."""
     model = make_model(args.width, X.dtype)
     criterion = HalfSquaredError()
@@ -104,6 +106,7 @@ def cold_start_matvecs(monitor: SharpnessMonitor) -> int:
 
 
 def plot(results: dict[float, dict], path: Path) -> None:
+    """Sharpness (with each run's threshold) and training loss of every run, one figure."""
     fig = Figure(figsize=(7, 7))
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     for i, (lr, r) in enumerate(sorted(results.items())):
@@ -121,6 +124,7 @@ def plot(results: dict[float, dict], path: Path) -> None:
 
 
 def main() -> None:
+    """Train at each learning rate, print a summary, write the figure and the JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.2, 0.3, 0.4])
     parser.add_argument("--steps", type=int, default=2000)

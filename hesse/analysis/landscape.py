@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from hesse.errors import HesseError, check_on_interrupt, interrupted
 from hesse.operators.data import Batch, ForwardFn
 from hesse.operators.objective import Evaluation, Objective, as_objective
 from hesse.results import _ResultMixin
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["Landscape", "eval_mode", "interpolate", "loss_landscape", "normalize_direction",
            "objective_in_eval_mode", "random_direction"]
@@ -158,6 +161,7 @@ class Landscape(_ResultMixin):
 
     @property
     def dims(self) -> int:
+        """1 for a line, 2 for a plane."""
         return 1 if self.betas is None else 2
 
     def save(self, path: str | Path) -> tuple[Path, Path]:
@@ -184,7 +188,7 @@ class Landscape(_ResultMixin):
         return cls(arr(d["alphas"]), arr(d["betas"]), arr(d["loss"]), arr(d["accuracy"]), d["kind"],
                    d["base_loss"], d["base_accuracy"], d.get("info", {}), d.get("interrupted", False))
 
-    def plot(self, kind: str | None = None, log: bool = False):
+    def plot(self, kind: str | None = None, log: bool = False) -> Figure:
         """A matplotlib ``Figure`` (no pyplot, so safe headless; ``fig.savefig(path)``).
 
         ``kind``: ``"line"`` (1-D; accuracy on a second axis), ``"contour"`` or ``"surface"``
@@ -238,6 +242,7 @@ class Landscape(_ResultMixin):
 
 # ---- loss_landscape -----------------------------------------------------------------------------
 def _store(evaluation: Evaluation, losses: np.ndarray, accs: np.ndarray, i: int) -> None:
+    """Put one evaluation's loss and accuracy (NaN when not a classification) at index ``i``."""
     losses[i] = evaluation.loss
     accs[i] = np.nan if evaluation.accuracy is None else evaluation.accuracy
 
@@ -279,6 +284,18 @@ def _directions(objective: Objective, kind: str, given: list[Direction], dims: i
         raise KeyboardInterrupt
     info.update(eigenvalues=eig.values.tolist(), eigen_matvecs=eig.matvecs, eigen_converged=eig.converged.tolist())
     return [eig.vectors[:, i].to(objective.dtype) for i in range(dims)]
+
+
+def _evaluate_grid(objective: Objective, vecs: list[torch.Tensor], grid: list[tuple[float, ...]],
+                   losses: np.ndarray, accs: np.ndarray, progress: bool | None) -> None:
+    """``L(w + Σ_i c_i v_i)`` at each grid point ``c`` into ``losses``/``accs`` (in order, so a
+    Ctrl-C leaves NaN exactly at the points not reached)."""
+    w0 = objective.parameters_vector()
+    for i, point in enumerate(progress_bar(grid, total=len(grid), desc="loss landscape", enabled=progress)):
+        w = w0
+        for c, v in zip(point, vecs):
+            w = w + float(c) * v
+        _store(objective.evaluate(at=w), losses, accs, i)
 
 
 def loss_landscape(
@@ -325,6 +342,7 @@ def loss_landscape(
     base = Evaluation(np.nan, None, None, 0)
 
     def result() -> Landscape:
+        """The landscape as far as it was evaluated."""
         shape = (steps,) if dims == 1 else (steps, steps)
         return Landscape(alphas=alphas, betas=alphas.copy() if dims == 2 else None, loss=losses.reshape(shape),
                          accuracy=None if base.accuracy is None else accs.reshape(shape), kind=kind,
@@ -334,13 +352,8 @@ def loss_landscape(
         with eval_mode(objective.model):
             vecs = _directions(objective, kind, given, dims, normalization, ignore_1d, seed, tol, progress, info)
             info["direction_norms"] = [float(v.norm()) for v in vecs]
-            w0 = objective.parameters_vector()
             base = objective.evaluate()
-            for i, point in enumerate(progress_bar(grid, total=len(grid), desc="loss landscape", enabled=progress)):
-                w = w0
-                for c, v in zip(point, vecs):
-                    w = w + float(c) * v
-                _store(objective.evaluate(at=w), losses, accs, i)
+            _evaluate_grid(objective, vecs, grid, losses, accs, progress)
     except KeyboardInterrupt as error:
         return interrupted(error, result(), on_interrupt, "loss_landscape")
     return result()
@@ -348,6 +361,7 @@ def loss_landscape(
 
 # ---- interpolate --------------------------------------------------------------------------------
 def _buffer_name(module: str, buffer: str) -> str:
+    """The name of a module's buffer in ``named_buffers()``."""
     return f"{module}.{buffer}" if module else buffer
 
 
@@ -392,7 +406,9 @@ def _batchnorm_statistics(objective: Objective, values: dict[str, torch.Tensor])
     batches = [0]
 
     def hook(name: str) -> Callable[..., torch.Tensor]:
+        """A forward hook accumulating the statistics of BatchNorm ``name``."""
         def run(module: _BatchNorm, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            """Replace the output by the batch-normalised input; add the batch's sums."""
             with torch.no_grad():
                 y, stats = _normalise_and_count(module, inputs[0], shifts[name])
             current[name] = current[name] + stats if name in current else stats
@@ -400,6 +416,7 @@ def _batchnorm_statistics(objective: Objective, values: dict[str, torch.Tensor])
         return run
 
     def per_batch(batch: Batch, index: int, weight: float) -> torch.Tensor:
+        """One forward pass; the batch's sums of every BatchNorm, concatenated."""
         current.clear()
         batches[0] += 1
         with torch.no_grad():

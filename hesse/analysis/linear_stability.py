@@ -125,6 +125,7 @@ class StabilityResult(_ResultMixin):
 
 
 def _gd_verdict(ratio: float) -> str:
+    """Stable, at the edge (within 10%) or unstable, from ``lambda_max / threshold``."""
     if ratio > 1:
         return "unstable: sharpness above the stability threshold, GD oscillates along the top eigenvector"
     if ratio >= EDGE_BAND:
@@ -133,6 +134,7 @@ def _gd_verdict(ratio: float) -> str:
 
 
 def _sgd_verdict(estimate: float, stderr: float, threshold: float, batch_size: int) -> str:
+    """Satisfied, violated or uncertain (two standard errors) for the SGD condition."""
     quantity = "trace" if batch_size == 1 else "tr/B + (1-1/B) lambda_max"
     if estimate - 2 * stderr > threshold:
         return (f"violated: {quantity} above 2/lr at batch size {batch_size}, not a linearly stable minimum "
@@ -143,6 +145,7 @@ def _sgd_verdict(estimate: float, stderr: float, threshold: float, batch_size: i
     return f"uncertain: 2/lr lies within two standard errors of {quantity} at batch size {batch_size}"
 
 
+# over 60 lines only through its docstring, which derives the SGD condition
 def stability(
     op: Any,
     lr: float,

@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,10 @@ from hesse.errors import HesseError, interrupted
 from hesse.linalg import eigenvalues, trace
 from hesse.operators import Hessian, LinearOperator, Objective
 from hesse.results import to_jsonable
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["SharpnessMonitor"]
 
@@ -198,10 +202,12 @@ class SharpnessMonitor:
 
     # ---- views of the history ---------------------------------------------------------------
     def _column(self, key: str) -> np.ndarray:
+        """One field of every record as floats (NaN where missing)."""
         return np.array([np.nan if r.get(key) is None else r[key] for r in self.history], dtype=np.float64)
 
     @property
     def steps(self) -> np.ndarray:
+        """The step of every record."""
         return self._column("step")
 
     @property
@@ -210,6 +216,7 @@ class SharpnessMonitor:
         return self._column("eigenvalue")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings and the history, JSON-ready."""
         return to_jsonable({
             "every": self.every, "k": self.k, "tol": self.tol, "warm_start": self.warm_start,
             "trace": self.trace, "history": self.history,
@@ -238,7 +245,7 @@ class SharpnessMonitor:
         _atomic_write(json_path, json.dumps(self.to_dict(), indent=2, allow_nan=True))
         return csv_path, json_path
 
-    def plot(self, ax=None, label: str | None = None, color: str | None = None):
+    def plot(self, ax: Axes | None = None, label: str | None = None, color: str | None = None) -> Figure:
         """Sharpness over training with the stability threshold (``2/lr``, or ``(2+2β)/lr`` with
         momentum ``β``); returns the ``Figure``.
 

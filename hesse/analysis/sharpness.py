@@ -92,6 +92,7 @@ def _check_positive(name: str, value: Any, integer: bool = False) -> None:
 
 
 def _check_ball(rho: float, norm: str, steps: int, restarts: int, step_size: float) -> None:
+    """Refuse an unknown norm and non-positive radius, step size, steps or restarts."""
     if norm not in NORMS:
         raise HesseError(f"unknown norm {norm!r}; choose 'l2' or 'linf'.")
     for name, value in (("rho", rho), ("step_size", step_size)):
@@ -175,6 +176,7 @@ def _ball_sharpness(measure: str, objective: Objective, eta: float | None, rho: 
     best: dict[str, Any] = {"base": math.nan, "loss": math.nan, "eps": None}
 
     def result() -> SharpnessResult:
+        """The best loss rise found so far."""
         eps = best["eps"]
         if eps is not None:
             details["perturbation_norm"] = float(eps.norm() if norm == "l2" else eps.abs().max())
@@ -241,6 +243,7 @@ def average_sharpness(
     base = math.nan
 
     def result() -> SharpnessResult:
+        """Mean and standard error of the pairs drawn so far."""
         d = np.asarray(diffs)
         stderr = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
         return SharpnessResult("average", float(d.mean()) if len(d) else math.nan, base, stderr,
@@ -330,6 +333,7 @@ def eigenvalue_sharpness(
     objective = objective_in_eval_mode(model, criterion, data, **settings)
 
     def to_result(res: Any, base: float) -> SharpnessResult:
+        """The top eigenvalue of an :class:`~hesse.linalg.EigenResult`."""
         return SharpnessResult("eigenvalue", float(res.values[0]), base, None, res.matvecs,
                                {"eigenvalues": res.values.tolist(), "residuals": res.residuals.tolist(),
                                 "converged": res.converged.tolist(), "tol": tol, "unit": "matvecs"})
@@ -351,6 +355,7 @@ def trace_sharpness(
     objective = objective_in_eval_mode(model, criterion, data, **settings)
 
     def to_result(res: Any, base: float) -> SharpnessResult:
+        """The estimate of a :class:`~hesse.linalg.TraceResult`."""
         return SharpnessResult("trace", float(res.estimate), base, float(res.stderr), res.matvecs,
                                {"method": res.method, "budget": budget, "unit": "matvecs"})
 
