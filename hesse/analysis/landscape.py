@@ -76,7 +76,8 @@ def _flat_direction(objective: Objective, direction: Direction) -> torch.Tensor:
                              f"got {list(direction.shape)}.")
         return direction.detach().to(objective.dtype).to(objective.device)
     if not isinstance(direction, dict):
-        raise HesseError(f"a direction is a dict {{name: tensor}} or a flat [P] tensor, got {type(direction).__name__}.")
+        raise HesseError(f"a direction is a dict {{name: tensor}} or a flat [P] tensor, "
+                         f"got {type(direction).__name__}.")
     unknown = set(direction) - set(objective.param_names)
     if unknown:
         raise HesseError(f"direction names {sorted(unknown)} are not selected parameters; names look like "
@@ -515,7 +516,8 @@ def interpolate(
                                        forward=forward, num_samples=num_samples, reduction=reduction)
     bn_names = {_buffer_name(name, s) for name, m in model_a.named_modules() if isinstance(m, _BatchNorm)
                 for s in ("running_mean", "running_var")}
-    moving_buffers = [n for n in sb if n in bn_names and sa[n].is_floating_point()] if batchnorm == "interpolate" else []
+    moving_buffers = ([n for n in sb if n in bn_names and sa[n].is_floating_point()]
+                      if batchnorm == "interpolate" else [])
     start = {n: sa[n].detach() for n in objective.param_names + moving_buffers}
     end = {n: sb[n].detach().to(sa[n].dtype).to(sa[n].device) for n in start}
     ts = np.linspace(span[0], span[1], steps)

@@ -161,7 +161,7 @@ def stability(
     check_symmetric: bool = True,
     progress: bool | None = None,
 ) -> StabilityResult:
-    """Compare ``lambda_max`` with :func:`stability_threshold` (GD) and ``tr(H)/B + (1-1/B) lambda_max`` with ``2/lr`` (SGD).
+    """Compare ``lambda_max`` with :func:`stability_threshold` (GD), ``tr(H)/B + (1-1/B) lambda_max`` with ``2/lr`` (SGD).
 
     ``batch_size`` is the batch size ``B`` the model was (or will be) trained with; it only
     enters the SGD check. ``momentum``, ``dampening``, ``nesterov`` are those of

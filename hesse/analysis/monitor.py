@@ -3,15 +3,15 @@
 For gradient descent with step size ``η`` on a quadratic, the iteration is stable only if
 ``λ_max(H) < 2 / η``; with heavy-ball momentum ``β`` (``torch.optim.SGD(momentum=β)``) only if
 ``λ_max(H) < (2 + 2β) / η`` (3.8/η at β = 0.9); see
-:func:`hesse.analysis.linear_stability.stability_threshold` for dampening and Nesterov. Cohen, Kaur, Li, Kolter & Talwalkar (2021),
-"Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability", observed that
-full-batch GD on neural networks first *sharpens progressively* (``λ_max`` rises) until it
-reaches ``2 / η`` (the threshold of the optimizer in use), then
-hovers there ("edge of stability") while the loss keeps decreasing non-monotonically.
+:func:`hesse.analysis.linear_stability.stability_threshold` for dampening and Nesterov.
+Cohen, Kaur, Li, Kolter & Talwalkar (2021), "Gradient Descent on Neural Networks Typically
+Occurs at the Edge of Stability", observed that full-batch GD on neural networks first
+*sharpens progressively* (``λ_max`` rises) until it reaches ``2 / η`` (the threshold of the
+optimizer in use), then hovers there ("edge of stability") while the loss keeps decreasing non-monotonically.
 :class:`SharpnessMonitor` records ``λ_max`` every few steps, warm-started from the previous
 eigenvector, so each measurement costs a few Hessian-vector products.
 
-Usage in a plain loop (two lines)::
+Usage in a plain loop (two lines; ``hesse.Objective(model, criterion, (X, y))`` works too)::
 
     monitor = SharpnessMonitor(model, criterion, (X, y), every=10, optimizer=opt, log_dir="runs/eos")
     for step in range(n_steps):
@@ -128,7 +128,7 @@ class SharpnessMonitor:
             raise HesseError("pass either optimizer= (momentum read from it) or a fixed momentum=, not both.")
         if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
             raise HesseError(f"momentum must be a number in [0, 1), got {momentum!r}.")
-        if operator is None:  # built in eval mode: a training model with dropout/BatchNorm is measured deterministically
+        if operator is None:  # built in eval mode: a model in train mode (dropout, BatchNorm) is accepted
             operator = Hessian(objective_in_eval_mode(model, criterion, data, **settings))
         self.model = model.model if isinstance(model, Objective) else model
         self.hessian = operator

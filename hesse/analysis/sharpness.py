@@ -189,7 +189,8 @@ def _ball_sharpness(measure: str, objective: Objective, eta: float | None, rho: 
             first = objective.evaluate(gradient=True)
             best.update(base=first.loss, loss=first.loss, eps=torch.zeros_like(w0))
             scale = torch.ones_like(w0) if eta is None else w0.abs() + eta
-            _ascent(objective, w0, scale, first.gradient.detach(), rho, norm, steps, restarts, step_size, seed, progress, best)
+            _ascent(objective, w0, scale, first.gradient.detach(), rho, norm, steps, restarts, step_size, seed,
+                    progress, best)
     except KeyboardInterrupt as error:
         return interrupted(error, result(), on_interrupt, f"{measure} sharpness")
     return result()
