@@ -4,8 +4,9 @@ Full-batch gradient descent with step size ``lr`` on a small tanh network, sciki
 digits (a subset, standardised features), squared loss ``½ ||f(x) - onehot(y)||²`` averaged
 over samples. The top Hessian eigenvalue ("sharpness") first rises (progressive sharpening)
 until it reaches ``2 / lr``, the stability limit of GD on a quadratic, and then hovers there
-while the loss keeps going down. :class:`hesse.analysis.monitor.SharpnessMonitor` measures the
-sharpness every few steps, warm-started from the previous eigenvector.
+while the loss keeps going down. :class:`hesse.SharpnessMonitor` measures the sharpness of
+the training :class:`hesse.Objective` every few steps, warm-started from the previous
+eigenvector; :func:`hesse.stability_threshold` gives the edge (``2 / lr`` for plain GD).
 
 Run:  python examples/edge_of_stability.py            (a few minutes on 2 CPU cores)
 Writes examples/output/edge_of_stability.png and .json (and the monitors' CSV/JSON logs
@@ -25,7 +26,8 @@ from matplotlib.figure import Figure
 from sklearn.datasets import load_digits
 from torch import nn
 
-from hesse.analysis.monitor import SharpnessMonitor
+from hesse import Objective, SharpnessMonitor, stability_threshold
+from hesse.linalg import eigenvalues
 
 
 class HalfSquaredError(nn.Module):
@@ -34,6 +36,7 @@ class HalfSquaredError(nn.Module):
     reduction = "mean"
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch."""
         return 0.5 * ((output - target) ** 2).sum(1).mean()
 
 
@@ -47,19 +50,20 @@ def digits_subset(n: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tens
 
 
 def make_model(width: int, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """A 64-width-width-10 tanh MLP."""
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10)
     ).to(dtype)
 
 
-def run(lr: float, X: torch.Tensor, Y: torch.Tensor, args, log_dir: Path | None) -> dict:
+def run(lr: float, X: torch.Tensor, Y: torch.Tensor, args: argparse.Namespace, log_dir: Path | None) -> dict:
     """Train with full-batch GD at ``lr``; return the monitor's history and the losses."""
     model = make_model(args.width, X.dtype)
     criterion = HalfSquaredError()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    monitor = SharpnessMonitor(model, criterion, (X, Y), every=args.every, optimizer=opt, tol=args.tol,
-                               log_dir=log_dir)
+    objective = Objective(model, criterion, (X, Y))
+    monitor = SharpnessMonitor(objective, every=args.every, optimizer=opt, tol=args.tol, log_dir=log_dir)
     monitor.record()  # step 0
     losses = []
     for _ in range(args.steps):
@@ -75,7 +79,7 @@ def run(lr: float, X: torch.Tensor, Y: torch.Tensor, args, log_dir: Path | None)
 def summarize(lr: float, monitor: SharpnessMonitor, losses: np.ndarray, steps: int) -> dict:
     """Plateau sharpness = median of the records in the last quarter of training."""
     s, lam = monitor.steps, monitor.sharpness
-    edge = 2.0 / lr
+    edge = stability_threshold(lr)  # 2 / lr: full-batch GD without momentum
     reached = np.nonzero(lam >= 0.9 * edge)[0]
     late = s >= 0.75 * steps
     plateau = float(np.median(lam[late]))
@@ -98,12 +102,11 @@ def summarize(lr: float, monitor: SharpnessMonitor, losses: np.ndarray, steps: i
 
 def cold_start_matvecs(monitor: SharpnessMonitor) -> int:
     """Products a cold (random) start needs at the final weights, for comparison with warm starts."""
-    from hesse.linalg import eigenvalues
-
     return int(eigenvalues(monitor.hessian, tol=monitor.tol, check_symmetric=False, progress=False).matvecs)
 
 
 def plot(results: dict[float, dict], path: Path) -> None:
+    """Sharpness (with each run's threshold) and training loss of every run, one figure."""
     fig = Figure(figsize=(7, 7))
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     for i, (lr, r) in enumerate(sorted(results.items())):
@@ -121,6 +124,7 @@ def plot(results: dict[float, dict], path: Path) -> None:
 
 
 def main() -> None:
+    """Train at each learning rate, print a summary, write the figure and the JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.2, 0.3, 0.4])
     parser.add_argument("--steps", type=int, default=2000)

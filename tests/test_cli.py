@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from torch import nn
 
 import hesse
-from hesse.analysis import density, per_layer, stability
+from hesse.analysis import per_layer, stability
+from hesse.linalg import density
 from hesse.cli import main
 from hesse.examples import classifier_example
 from hesse.linalg import eigenvalues, trace

@@ -11,69 +11,16 @@ import torch
 from torch import nn
 
 from hesse.analysis.landscape import (
+    BATCHNORM,
     Landscape,
     interpolate,
     loss_landscape,
     normalize_direction,
     random_direction,
 )
-from hesse.errors import HesseError
+from hesse.errors import HesseError, NotConvergedWarning
 from tests.conftest import SmallCNN, TanhMLP, uneven_batches
-
-
-class SquaredError(nn.Module):
-    """``mean_n (f(x_n) - y_n)^2`` for a 1-output model (nn.MSELoss-like, usable by the Hessian)."""
-
-    reduction = "mean"
-
-    def forward(self, output, target):
-        return ((output - target) ** 2).mean()
-
-
-def quadratic_problem(d: int = 6, n: int = 40, diagonal: bool = False, exact: bool = False, seed: int = 0):
-    """A linear model with squared error: ``L(w) = (w - w*)' A (w - w*) / 2 + c`` in closed form.
-
-    Returns ``(model, criterion, batches, A, w_star, c)``; ``A = 2 X'X / n``. ``diagonal`` makes
-    ``X = Q diag(s)`` with orthonormal ``Q`` so ``A`` is diagonal; ``exact`` makes ``y = X w*``
-    (``c = 0``) and sets the weights to ``w*``, a pure quadratic at its minimum.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    s = torch.tensor([3.0, 2.0, 1.4, 1.0, 0.7, 0.5, 0.3, 0.2][:d], dtype=torch.float64) * n ** 0.5 / 2 ** 0.5
-    if diagonal:
-        Q, _ = torch.linalg.qr(torch.randn(n, d, generator=gen, dtype=torch.float64))
-        X = Q * s
-    else:
-        X = torch.randn(n, d, generator=gen, dtype=torch.float64) * s / n ** 0.5
-    w_star = torch.randn(d, generator=gen, dtype=torch.float64)
-    noise = torch.zeros(n, dtype=torch.float64) if exact else 0.3 * torch.randn(n, generator=gen, dtype=torch.float64)
-    y = (X @ w_star + noise)[:, None]
-    A = 2 * X.T @ X / n
-    w_min = torch.linalg.lstsq(X, y[:, 0]).solution
-    c = float(((y[:, 0] - X @ w_min) ** 2).mean())
-    model = nn.Linear(d, 1, bias=False).double()
-    with torch.no_grad():
-        model.weight.copy_((w_min if exact else torch.randn(d, generator=gen, dtype=torch.float64))[None])
-    sizes = [n // 3, n // 3, n - 2 * (n // 3)]
-    return model, SquaredError(), uneven_batches(X, y, sizes), A, w_min, c
-
-
-def quad_loss(w, A, w_min, c):
-    e = w - w_min
-    return float(0.5 * e @ A @ e + c)
-
-
-def snapshot(model: nn.Module):
-    tensors = [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
-    return tensors, [m.training for m in model.modules()]
-
-
-def assert_identical(model: nn.Module, snap) -> None:
-    tensors, modes = snap
-    now = list(model.parameters()) + list(model.buffers())
-    assert len(now) == len(tensors)
-    for a, b in zip(now, tensors):
-        assert a.dtype == b.dtype and torch.equal(a.detach(), b)  # bit-identical
-    assert [m.training for m in model.modules()] == modes
+from tests.landscape_helpers import assert_identical, quad_loss, quadratic_problem, snapshot, sum_problem
 
 
 def test_given_directions_give_the_closed_form_paraboloid():
@@ -284,18 +231,10 @@ def test_recomputed_batchnorm_statistics_do_not_depend_on_the_batch_split():
     assert one[-1] == pytest.approx(expected, rel=1e-12)
 
 
-def _sum_problem():
-    torch.manual_seed(0)
-    model = TanhMLP().double()
-    X, y = torch.randn(13, 6, dtype=torch.float64), torch.randint(0, 4, (13,))
-    crit = lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum")  # noqa: E731
-    return model, crit, X, y, uneven_batches(X, y, [8, 5])
-
-
 def test_reduction_sum_for_a_plain_function_criterion():
     import hesse
 
-    model, crit, X, y, batches = _sum_problem()
+    model, crit, X, y, batches = sum_problem()
     with torch.no_grad():
         true = float(crit(model(X), y))
     assert hesse.Hessian(model, crit, batches, reduction="sum").loss() == pytest.approx(true, rel=1e-12)
@@ -315,30 +254,59 @@ def test_reduction_sum_for_a_plain_function_criterion():
         interpolate(model, model, nn.CrossEntropyLoss(reduction="none"), batches)
 
 
-def test_evaluator_counts_non_ignored_targets():
-    from hesse.analysis.landscape import Evaluator
-
+def test_ignored_targets_are_not_counted():
     torch.manual_seed(0)
     model = TanhMLP().double()
     X, y = torch.randn(11, 6, dtype=torch.float64), torch.randint(0, 4, (11,))
     y[2] = y[9] = -100
     crit = nn.CrossEntropyLoss()
     with torch.no_grad():
-        true = float(crit(model(X), y))
-    loss, _, _ = Evaluator(model, crit, uneven_batches(X, y, [8, 3]))()
-    assert loss == pytest.approx(true, rel=1e-12)
+        out = model(X)
+    keep = y != -100
+    land = loss_landscape(model, crit, uneven_batches(X, y, [8, 3]), steps=2, progress=False)
+    assert land.base_loss == pytest.approx(float(crit(out, y)), rel=1e-12)
+    assert land.base_accuracy == pytest.approx(float((out.argmax(1) == y)[keep].double().mean()), rel=1e-12)
 
 
-def test_evaluator_gradient_for_an_explicitly_selected_frozen_parameter():
-    from hesse.analysis.landscape import Evaluator
+def _versions(model: nn.Module) -> list[int]:
+    """In-place writes bump a tensor's version counter: equal versions mean nothing was written."""
+    return [t._version for t in list(model.parameters()) + list(model.buffers())]
 
-    torch.manual_seed(0)
-    model = TanhMLP().double()
-    X, y = torch.randn(11, 6, dtype=torch.float64), torch.randint(0, 4, (11,))
-    name, frozen = next(iter(model.named_parameters()))
-    frozen.requires_grad_(False)
-    _, _, g = Evaluator(model, nn.CrossEntropyLoss(), uneven_batches(X, y, [8, 3]), params=[name])(grad=True)
-    w = frozen.detach().clone().requires_grad_(True)
-    ref = torch.autograd.grad(nn.functional.cross_entropy(torch.func.functional_call(model, {name: w}, (X,)), y), w)[0]
-    torch.testing.assert_close(g, ref.reshape(-1), rtol=1e-12, atol=1e-14)
-    assert not frozen.requires_grad and frozen.grad is None
+
+def test_an_objective_is_accepted_and_nothing_is_written(cnn_problem):
+    import hesse
+
+    model, crit, X, y, batches = cnn_problem
+    before = _versions(model)
+    objective = hesse.Objective(model, crit, batches, params=["fc.weight"])
+    a = loss_landscape(objective, steps=3, seed=2, progress=False)
+    b = loss_landscape(model, crit, batches, params=["fc.weight"], steps=3, seed=2, progress=False)
+    np.testing.assert_array_equal(a.loss, b.loss)
+    assert _versions(model) == before
+    with pytest.raises(HesseError, match="either an Objective"):
+        loss_landscape(objective, params=["fc.bias"])
+    model_a, model_b = _bn_model(0, X), _bn_model(1, X)
+    before_a, before_b = _versions(model_a), _versions(model_b)
+    for batchnorm in BATCHNORM:
+        interpolate(model_a, model_b, crit, batches, steps=2, batchnorm=batchnorm, progress=False)
+    assert _versions(model_a) == before_a and _versions(model_b) == before_b
+
+
+@pytest.mark.parametrize("on_interrupt", ["raise", "return"])
+def test_ctrl_c_gives_the_partial_landscape(on_interrupt, mlp_problem):
+    model, _, X, y, batches = mlp_problem
+    crit = RaisingCriterion(6, KeyboardInterrupt)  # base + 4 points of a 3x3 plane
+    if on_interrupt == "raise":
+        with pytest.raises(KeyboardInterrupt) as caught:
+            loss_landscape(model, crit, (X, y), dims=2, steps=3, progress=False)
+        land = caught.value.partial
+    else:
+        with pytest.warns(NotConvergedWarning, match="interrupted"):
+            land = loss_landscape(model, crit, (X, y), dims=2, steps=3, progress=False, on_interrupt="return")
+    assert land.interrupted and land.loss.shape == (3, 3)
+    assert np.isfinite(land.loss.reshape(-1)[:4]).all() and np.isnan(land.loss.reshape(-1)[4:]).all()
+    assert np.isfinite(land.base_loss)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        interpolate(model, model, RaisingCriterion(3, KeyboardInterrupt), (X, y), steps=4, progress=False)
+    path = caught.value.partial
+    assert path.interrupted and np.isfinite(path.loss[:2]).all() and np.isnan(path.loss[2:]).all()

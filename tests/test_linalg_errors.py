@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from hesse.analysis import batch_size_sharpness, bulk_outlier_split, density, per_layer, stability
+from hesse.analysis import batch_size_sharpness, bulk_outlier_split, per_layer, stability
+from hesse.linalg import density
 from hesse.errors import HesseError
 from hesse.linalg import diagonal, eigenvalues, frobenius_norm, trace
 from hesse.operators import LinearOperator

@@ -6,9 +6,11 @@ for random filter-normalised directions (Li, Xu, Taylor, Studer & Goldstein 2018
 directions; ``interpolate`` evaluates ``L((1 - t) w_A + t w_B)`` between two models (linear
 mode connectivity; Goodfellow, Vinyals & Saxe 2015; Garipov et al. 2018; Frankle et al. 2020).
 
-Every function works on the model in place and restores its parameters and buffers
-bit-for-bit, and the train/eval mode of every module, on return, on error and on Ctrl-C.
-Loss and accuracy are sample-weighted over the whole dataset, so uneven batches are exact.
+Every point is evaluated by :meth:`hesse.Objective.evaluate` at that point (``functional_call``
+with the point's values substituted): the model's weights and buffers are never written
+or copied. Models are evaluated in eval mode (:func:`eval_mode` switches the modules'
+``training`` flags and restores them). Loss and accuracy are sample-weighted over the whole
+dataset, so uneven batches are exact.
 """
 
 from __future__ import annotations
@@ -18,228 +20,76 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from hesse.errors import HesseError
-from hesse.operators.objective import ParamSpec, select_parameters
-from hesse.operators.data import (
-    Batch,
-    DataSource,
-    ForwardFn,
-    all_reduce_sum,
-    default_forward,
-    sample_counter,
-    to_device,
-)
+from hesse._progress import progress_bar
+from hesse.errors import HesseError, check_on_interrupt, interrupted
+from hesse.operators.data import Batch, ForwardFn
+from hesse.operators.objective import Evaluation, Objective, as_objective
 from hesse.results import _ResultMixin
 
-__all__ = ["Evaluator", "Landscape", "interpolate", "loss_landscape", "normalize_direction", "preserved",
-           "random_direction"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["Landscape", "eval_mode", "interpolate", "loss_landscape", "normalize_direction",
+           "objective_in_eval_mode", "random_direction"]
 
 Direction = dict[str, torch.Tensor] | torch.Tensor
 NORMALIZATIONS = ("filter", "layer", None)
 BATCHNORM = ("interpolate", "recompute", "keep")
+_BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
-# ---- keeping the model intact -----------------------------------------------------------------
+# ---- modes and objectives -----------------------------------------------------------------------
 @contextmanager
-def preserved(model: nn.Module) -> Iterator[None]:
-    """Save every parameter and buffer (a copy) and every module's mode; put them back on exit.
-
-    Restoration is ``copy_`` from the saved copy, so values are bit-identical afterwards,
-    also when the body raises or is interrupted (``KeyboardInterrupt``).
-    """
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    saved = [(t, t.detach().clone()) for _, t in tensors]
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode; on exit (also on error or Ctrl-C) give each module back
+    its own ``training`` flag. Only the flags change: no tensor is copied or written."""
     modes = [(m, m.training) for m in model.modules()]
     try:
+        model.eval()
         yield
     finally:
-        with torch.no_grad():
-            for t, copy in saved:
-                t.copy_(copy)
         for m, training in modes:
             m.training = training
 
 
-class _FlatParams:
-    """The selected parameters of a model as one flat vector (read and written in place)."""
-
-    def __init__(self, params: dict[str, nn.Parameter]):
-        self.params = params
-        self.names = list(params)
-        self.numels = [p.numel() for p in params.values()]
-        first = next(iter(params.values()))
-        self.dtype, self.device = first.dtype, first.device
-
-    @property
-    def size(self) -> int:
-        return sum(self.numels)
-
-    def get(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self.params.values()])
-
-    def set(self, vector: torch.Tensor) -> None:
-        with torch.no_grad():
-            for p, part in zip(self.params.values(), torch.split(vector, self.numels)):
-                p.copy_(part.view_as(p))
-
-    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = torch.split(vector, self.numels)
-        return {n: t.view_as(p) for (n, p), t in zip(self.params.items(), parts)}
-
-    def flatten(self, direction: Direction) -> torch.Tensor:
-        """A direction (dict by name, missing names = 0, or a flat ``[P]`` vector) as flat ``[P]``."""
-        if isinstance(direction, torch.Tensor):
-            if direction.ndim != 1 or direction.numel() != self.size:
-                raise HesseError(
-                    f"a flat direction must have shape [{self.size}] (the selected parameters), "
-                    f"got {list(direction.shape)}."
-                )
-            return direction.detach().to(self.dtype).to(self.device)
-        if not isinstance(direction, dict):
-            raise HesseError(
-                f"a direction is a dict {{name: tensor}} or a flat [P] tensor, got {type(direction).__name__}."
-            )
-        unknown = set(direction) - set(self.names)
-        if unknown:
-            raise HesseError(
-                f"direction names {sorted(unknown)} are not selected parameters; names look like {self.names[:4]}."
-            )
-        parts = []
-        for n, p in self.params.items():
-            d = direction.get(n)
-            if d is None:
-                parts.append(torch.zeros(p.numel(), dtype=self.dtype, device=self.device))
-                continue
-            if tuple(d.shape) != tuple(p.shape):
-                raise HesseError(f"direction for {n!r} has shape {list(d.shape)}, the parameter {list(p.shape)}.")
-            parts.append(d.detach().reshape(-1).to(self.dtype).to(self.device))
-        return torch.cat(parts)
+def objective_in_eval_mode(model: nn.Module | Objective, criterion: Any = None, data: Any = None,
+                           **settings: Any) -> Objective:
+    """:func:`hesse.operators.as_objective`, built with the model in eval mode (so a model
+    caught in train mode, with BatchNorm or dropout, is accepted and measured deterministically)."""
+    if not isinstance(model, nn.Module):
+        return as_objective(model, criterion, data, **settings)
+    with eval_mode(model):
+        return as_objective(model, criterion, data, **settings)
 
 
-# ---- sample-weighted full-data passes ---------------------------------------------------------
-def _accuracy_counts(output: torch.Tensor, target: Any) -> tuple[float, int] | None:
-    """``(correct, count)`` for a classification output, ``None`` when the task is not one.
-
-    Integer targets ``[N, ...]`` with outputs ``[N, C, ...]`` compare ``argmax`` over ``C``
-    (entries equal to -100, PyTorch's ignore index, are skipped); one-hot/probability targets
-    of the output's shape compare ``argmax`` of both.
-    """
-    if not isinstance(output, torch.Tensor) or not isinstance(target, torch.Tensor) or output.ndim < 2:
-        return None
-    if not target.is_floating_point() and target.ndim == output.ndim - 1 and output.shape[1] > 1:
-        keep = target != -100
-        correct = (output.argmax(1) == target) & keep
-        return float(correct.sum()), int(keep.sum())
-    if target.is_floating_point() and target.shape == output.shape and output.shape[1] > 1:
-        is_dist = bool((target >= 0).all()) and bool(torch.allclose(target.sum(1), torch.ones(()).to(target)))
-        if is_dist:
-            return float((output.argmax(1) == target.argmax(1)).sum()), int(target[:, 0].numel())
-    return None
-
-
-def resolve_reduction(criterion: Any, reduction: str | None) -> str:
-    """``reduction`` or the criterion's own (``"mean"`` for a plain function); ``"mean"`` or ``"sum"``."""
-    resolved = reduction if reduction is not None else getattr(criterion, "reduction", "mean")
-    if resolved not in ("mean", "sum"):
-        raise HesseError(
-            f"criterion reduction is {resolved!r}; the loss must be a scalar: use reduction 'mean' or 'sum' "
-            "(for a plain function say which with reduction=)."
-        )
-    return resolved
-
-
-class Evaluator:
-    """Sample-weighted full-data loss, accuracy and gradient at the model's current weights.
-
-    With a ``reduction="mean"`` criterion ``L = Σ_b (n_b / N) L_b``; with ``"sum"`` ``L = Σ_b L_b``
-    (summed over processes when ``torch.distributed`` is initialised). ``reduction`` defaults to
-    ``criterion.reduction`` (``"mean"`` for a plain function: pass ``reduction="sum"`` for a
-    summed one); ``"none"`` is refused. ``n_b`` counts the non-ignored targets for a criterion
-    with an ``ignore_index`` (unless ``num_samples`` is given).
-    Gradients are taken with ``torch.autograd.grad``, so ``.grad`` is never touched; selected
-    parameters with ``requires_grad=False`` are differentiated too (the flag is restored).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        criterion: Callable[[torch.Tensor, Any], torch.Tensor],
-        data: Any,
-        *,
-        params: ParamSpec = None,
-        forward: ForwardFn | None = None,
-        num_samples: Callable[[Batch], int] | None = None,
-        reduction: str | None = None,
-    ):
-        if not isinstance(model, nn.Module):
-            raise HesseError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        if not callable(criterion):
-            raise HesseError("criterion must be a loss callable criterion(output, target), e.g. nn.CrossEntropyLoss().")
-        self.model, self.criterion = model, criterion
-        self.data = DataSource(data)
-        self.forward = forward or default_forward
-        self.num_samples = sample_counter(criterion, num_samples)
-        self.reduction = resolve_reduction(criterion, reduction)
-        self.flat = _FlatParams(select_parameters(model, params))
-        self.passes = 0
-
-    def __call__(self, grad: bool = False) -> tuple[float, float | None, torch.Tensor | None]:
-        """``(loss, accuracy or None, flat gradient or None)`` over the whole dataset."""
-        loss_sum, count, correct, total = 0.0, 0, 0.0, 0
-        g_sum: torch.Tensor | None = None
-        params = list(self.flat.params.values())
-        frozen = [p for p in params if not p.requires_grad] if grad else []
-        try:
-            for p in frozen:  # differentiate explicitly selected frozen parameters too
-                p.requires_grad_(True)
-            loss_sum, count, correct, total, classification, g_sum = self._passes(grad, params)
-        finally:
-            for p in frozen:
-                p.requires_grad_(False)
-        stats = torch.tensor([loss_sum, count, correct, total, float(not classification)], dtype=torch.float64,
-                             device=self.flat.device)
-        all_reduce_sum(stats)  # over processes under torch.distributed (no-op otherwise)
-        if g_sum is not None:
-            all_reduce_sum(g_sum)
-        loss_sum, count, correct, total, not_classification = stats.tolist()
-        self.passes += 1
-        norm = count if self.reduction == "mean" else 1
-        accuracy = correct / total if not_classification == 0 and total > 0 else None
-        return loss_sum / norm, accuracy, (g_sum / norm if g_sum is not None else None)
-
-    def _passes(self, grad: bool, params: list[torch.Tensor]):
-        """This process's weighted sums over its batches."""
-        loss_sum, count, correct, total = 0.0, 0, 0.0, 0
-        g_sum: torch.Tensor | None = None
-        classification = True
-        for batch in self.data:
-            batch = to_device(batch, self.flat.device)
-            n = int(self.num_samples(batch))
-            with torch.set_grad_enabled(grad):
-                output, target = self.forward(self.model, batch)
-                loss = self.criterion(output, target)
-            if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-                raise HesseError("the criterion must return a scalar; use reduction='mean' or 'sum'.")
-            weight = float(n) if self.reduction == "mean" else 1.0
-            loss_sum += weight * float(loss.detach())
-            count += n
-            if grad:
-                gs = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
-                g = torch.cat([x.reshape(-1) for x in gs]) * weight
-                g_sum = g if g_sum is None else g_sum + g
-            counts = _accuracy_counts(output, target) if classification else None
-            if counts is None:
-                classification = False
-            else:
-                correct, total = correct + counts[0], total + counts[1]
-        return loss_sum, count, correct, total, classification, g_sum
+def _flat_direction(objective: Objective, direction: Direction) -> torch.Tensor:
+    """A direction (dict by name, missing names = 0, or a flat ``[P]`` vector) as flat ``[P]``."""
+    if isinstance(direction, torch.Tensor):
+        if direction.ndim != 1 or direction.numel() != objective.size:
+            raise HesseError(f"a flat direction must have shape [{objective.size}] (the selected parameters), "
+                             f"got {list(direction.shape)}.")
+        return direction.detach().to(objective.dtype).to(objective.device)
+    if not isinstance(direction, dict):
+        raise HesseError(f"a direction is a dict {{name: tensor}} or a flat [P] tensor, "
+                         f"got {type(direction).__name__}.")
+    unknown = set(direction) - set(objective.param_names)
+    if unknown:
+        raise HesseError(f"direction names {sorted(unknown)} are not selected parameters; names look like "
+                         f"{objective.param_names[:4]}.")
+    parts = []
+    for name, p in objective.params.items():
+        d = direction.get(name)
+        if d is not None and tuple(d.shape) != tuple(p.shape):
+            raise HesseError(f"direction for {name!r} has shape {list(d.shape)}, the parameter {list(p.shape)}.")
+        parts.append(torch.zeros(p.numel(), dtype=objective.dtype, device=objective.device) if d is None
+                     else d.detach().reshape(-1).to(objective.dtype).to(objective.device))
+    return torch.cat(parts)
 
 
 # ---- directions ---------------------------------------------------------------------------------
@@ -297,6 +147,7 @@ class Landscape(_ResultMixin):
     ``loss[i]`` is at ``alphas[i]`` (1-D); ``loss[i, j]`` at ``(alphas[i], betas[j])`` (2-D).
     ``accuracy`` is ``None`` unless the task is classification. ``kind`` is ``"random"``,
     ``"hessian"``, ``"given"`` or ``"interpolation"`` (``alphas`` are then ``t``, model A at 0).
+    ``interrupted``: Ctrl-C stopped the computation; points not evaluated are NaN.
     """
 
     alphas: np.ndarray
@@ -307,9 +158,11 @@ class Landscape(_ResultMixin):
     base_loss: float
     base_accuracy: float | None
     info: dict = field(default_factory=dict)
+    interrupted: bool = False
 
     @property
     def dims(self) -> int:
+        """1 for a line, 2 for a plane."""
         return 1 if self.betas is None else 2
 
     def save(self, path: str | Path) -> tuple[Path, Path]:
@@ -334,9 +187,9 @@ class Landscape(_ResultMixin):
         d = json.loads(Path(path).with_suffix(".json").read_text())
         arr = lambda x: None if x is None else np.asarray(x, dtype=np.float64)  # noqa: E731
         return cls(arr(d["alphas"]), arr(d["betas"]), arr(d["loss"]), arr(d["accuracy"]), d["kind"],
-                   d["base_loss"], d["base_accuracy"], d.get("info", {}))
+                   d["base_loss"], d["base_accuracy"], d.get("info", {}), d.get("interrupted", False))
 
-    def plot(self, kind: str | None = None, log: bool = False):
+    def plot(self, kind: str | None = None, log: bool = False) -> Figure:
         """A matplotlib ``Figure`` (no pyplot, so safe headless; ``fig.savefig(path)``).
 
         ``kind``: ``"line"`` (1-D; accuracy on a second axis), ``"contour"`` or ``"surface"``
@@ -388,47 +241,20 @@ class Landscape(_ResultMixin):
                 f"min={np.nanmin(self.loss):.6g}, max={np.nanmax(self.loss):.6g})")
 
 
-# ---- public functions ---------------------------------------------------------------------------
-def loss_landscape(
-    model: nn.Module,
-    criterion: Callable[[torch.Tensor, Any], torch.Tensor],
-    data: Any,
-    *,
-    directions: str | Sequence[Direction] = "random",
-    dims: int | None = None,
-    steps: int = 21,
-    span: tuple[float, float] = (-1.0, 1.0),
-    normalization: str | None = "filter",
-    ignore_1d: bool = True,
-    params: ParamSpec = None,
-    forward: ForwardFn | None = None,
-    num_samples: Callable[[Batch], int] | None = None,
-    reduction: str | None = None,
-    seed: int = 0,
-    tol: float = 1e-3,
-    progress: bool = True,
-) -> Landscape:
-    """Loss and accuracy on ``w + a d1`` (``dims=1``) or ``w + a d1 + b d2`` (``dims=2``),
-    ``a, b`` on ``steps`` points of ``span``.
+# ---- loss_landscape -----------------------------------------------------------------------------
+def _store(evaluation: Evaluation, losses: np.ndarray, accs: np.ndarray, i: int) -> None:
+    """Put one evaluation's loss and accuracy (NaN when not a classification) at index ``i``."""
+    losses[i] = evaluation.loss
+    accs[i] = np.nan if evaluation.accuracy is None else evaluation.accuracy
 
-    ``directions``:
-      * ``"random"``: Gaussian directions, rescaled by ``normalization`` (``"filter"``:
-        Li et al. 2018's filter normalisation, ``"layer"`` or ``None``; see
-        :func:`normalize_direction`); 1-D parameters zeroed when ``ignore_1d``;
-      * ``"hessian"``: the top ``dims`` Hessian eigenvectors (unit norm; eigenvalues in
-        ``info["eigenvalues"]``), from :func:`hesse.linalg.eigenvalues` with tolerance ``tol``;
-      * a list of 1 or 2 directions, each a dict ``{param name: tensor}`` (missing names are
-        zero) or a flat ``[P]`` vector over the selected parameters, used as given.
-    ``reduction``: ``"mean"`` or ``"sum"``, how ``criterion`` reduces over a batch (default
-    ``criterion.reduction``, ``"mean"`` for a plain function).
-    The model is evaluated in eval mode (BatchNorm running statistics, no dropout); its
-    weights, buffers and modes are restored exactly afterwards.
-    """
+
+def _landscape_kind(directions: Any, dims: int | None, steps: Any) -> tuple[str, list[Direction], int]:
+    """Check the arguments: ``(kind, given directions, dims)``."""
+    given: list[Direction] = []
     if isinstance(directions, str):
         if directions not in ("random", "hessian"):
             raise HesseError(f"directions must be 'random', 'hessian' or a list of directions, got {directions!r}.")
-        dims = 1 if dims is None else dims
-        kind = directions
+        dims, kind = (1 if dims is None else dims), directions
     else:
         given = [directions] if isinstance(directions, (torch.Tensor, dict)) else list(directions)
         if dims is not None and dims != len(given):
@@ -438,123 +264,218 @@ def loss_landscape(
         raise HesseError(f"dims must be 1 or 2, got {dims}.")
     if not (isinstance(steps, int) and steps >= 2):
         raise HesseError(f"steps must be an integer >= 2, got {steps!r}.")
-    ev = Evaluator(model, criterion, data, params=params, forward=forward, num_samples=num_samples,
-                   reduction=reduction)
-    weights = {n: p.detach() for n, p in ev.flat.params.items()}
+    return kind, given, dims
+
+
+def _directions(objective: Objective, kind: str, given: list[Direction], dims: int, normalization: str | None,
+                ignore_1d: bool, seed: int, tol: float, progress: bool | None, info: dict) -> list[torch.Tensor]:
+    """The flat directions of the landscape (and, for ``"hessian"``, the eigenvalues in ``info``)."""
+    if kind == "random":
+        gen = torch.Generator().manual_seed(seed)
+        weights = objective.values()
+        return [_flat_direction(objective, random_direction(weights, gen, normalization, ignore_1d))
+                for _ in range(dims)]
+    if kind == "given":
+        return [_flat_direction(objective, d) for d in given]
+    from hesse.linalg import eigenvalues
+    from hesse.operators import Hessian
+
+    eig = eigenvalues(Hessian(objective), k=dims, which="largest", tol=tol, seed=seed, progress=progress)
+    if getattr(eig, "interrupted", False):  # the solver caught Ctrl-C and returned its partial result
+        raise KeyboardInterrupt
+    info.update(eigenvalues=eig.values.tolist(), eigen_matvecs=eig.matvecs, eigen_converged=eig.converged.tolist())
+    return [eig.vectors[:, i].to(objective.dtype) for i in range(dims)]
+
+
+def _evaluate_grid(objective: Objective, vecs: list[torch.Tensor], grid: list[tuple[float, ...]],
+                   losses: np.ndarray, accs: np.ndarray, progress: bool | None) -> None:
+    """``L(w + Σ_i c_i v_i)`` at each grid point ``c`` into ``losses``/``accs`` (in order, so a
+    Ctrl-C leaves NaN exactly at the points not reached)."""
+    w0 = objective.parameters_vector()
+    for i, point in enumerate(progress_bar(grid, total=len(grid), desc="loss landscape", enabled=progress)):
+        w = w0
+        for c, v in zip(point, vecs):
+            w = w + float(c) * v
+        _store(objective.evaluate(at=w), losses, accs, i)
+
+
+def loss_landscape(
+    model: nn.Module | Objective,
+    criterion: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    data: Any = None,
+    *,
+    directions: str | Sequence[Direction] = "random",
+    dims: int | None = None,
+    steps: int = 21,
+    span: tuple[float, float] = (-1.0, 1.0),
+    normalization: str | None = "filter",
+    ignore_1d: bool = True,
+    seed: int = 0,
+    tol: float = 1e-3,
+    progress: bool | None = None,
+    on_interrupt: str = "raise",
+    **settings: Any,
+) -> Landscape:
+    """Loss and accuracy on ``w + a d1`` (``dims=1``) or ``w + a d1 + b d2`` (``dims=2``),
+    ``a, b`` on ``steps`` points of ``span`` (Li et al. 2018).
+
+    ``model`` is an :class:`hesse.Objective`, or a model with ``criterion``, ``data`` and the
+    Objective's ``settings`` (``params``, ``forward``, ``num_samples``, ``reduction``, ...).
+    ``directions``:
+      * ``"random"``: Gaussian directions, rescaled by ``normalization`` (``"filter"``:
+        Li et al. 2018's filter normalisation, ``"layer"`` or ``None``; see
+        :func:`normalize_direction`); 1-D parameters zeroed when ``ignore_1d``;
+      * ``"hessian"``: the top ``dims`` Hessian eigenvectors (unit norm; eigenvalues in
+        ``info["eigenvalues"]``), from :func:`hesse.linalg.eigenvalues` with tolerance ``tol``;
+      * a list of 1 or 2 directions, each a dict ``{param name: tensor}`` (missing names are
+        zero) or a flat ``[P]`` vector over the selected parameters, used as given.
+    The model is evaluated in eval mode (BatchNorm running statistics, no dropout) and never
+    modified. Ctrl-C: see :mod:`hesse.errors`; the partial landscape is NaN where not evaluated.
+    """
+    kind, given, dims = _landscape_kind(directions, dims, steps)
+    check_on_interrupt(on_interrupt)
+    objective = objective_in_eval_mode(model, criterion, data, **settings)
     info: dict[str, Any] = {"normalization": normalization if kind == "random" else None,
                             "ignore_1d": ignore_1d, "seed": seed, "span": list(span), "steps": steps}
-    with preserved(model):
-        model.eval()
-        if kind == "random":
-            gen = torch.Generator().manual_seed(seed)
-            vecs = [ev.flat.flatten(random_direction(weights, gen, normalization, ignore_1d)) for _ in range(dims)]
-        elif kind == "hessian":
-            from hesse.linalg import eigenvalues
-            from hesse.operators import Hessian
+    alphas = np.linspace(span[0], span[1], steps)
+    grid = [(a,) for a in alphas] if dims == 1 else [(a, b) for a in alphas for b in alphas]
+    losses, accs = np.full(len(grid), np.nan), np.full(len(grid), np.nan)
+    base = Evaluation(np.nan, None, None, 0)
 
-            H = Hessian(model, criterion, data, params=params, forward=forward, num_samples=num_samples,
-                        reduction=ev.reduction)
-            eig = eigenvalues(H, k=dims, which="largest", tol=tol, seed=seed, progress=progress)
-            vecs = [eig.vectors[:, i].to(ev.flat.dtype) for i in range(dims)]
-            info.update(eigenvalues=eig.values.tolist(), eigen_matvecs=eig.matvecs,
-                        eigen_converged=eig.converged.tolist())
-        else:
-            vecs = [ev.flat.flatten(d) for d in given]
-        info["direction_norms"] = [float(v.norm()) for v in vecs]
-        w0 = ev.flat.get()
-        base_loss, base_acc, _ = ev()
-        alphas = np.linspace(span[0], span[1], steps)
-        grid = [(a,) for a in alphas] if dims == 1 else [(a, b) for a in alphas for b in alphas]
-        losses, accs = np.empty(len(grid)), np.empty(len(grid))
-        for i, point in enumerate(tqdm(grid, desc="loss landscape", disable=not progress, leave=False)):
-            w = w0
-            for c, v in zip(point, vecs):
-                w = w + float(c) * v
-            ev.flat.set(w)
-            losses[i], acc, _ = ev()
-            accs[i] = np.nan if acc is None else acc
-    shape = (steps,) if dims == 1 else (steps, steps)
-    return Landscape(
-        alphas=alphas, betas=alphas.copy() if dims == 2 else None, loss=losses.reshape(shape),
-        accuracy=None if base_acc is None else accs.reshape(shape), kind=kind,
-        base_loss=base_loss, base_accuracy=base_acc, info=info,
-    )
+    def result() -> Landscape:
+        """The landscape as far as it was evaluated."""
+        shape = (steps,) if dims == 1 else (steps, steps)
+        return Landscape(alphas=alphas, betas=alphas.copy() if dims == 2 else None, loss=losses.reshape(shape),
+                         accuracy=None if base.accuracy is None else accs.reshape(shape), kind=kind,
+                         base_loss=base.loss, base_accuracy=base.accuracy, info=info)
 
-
-def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def _recompute_batchnorm(model: nn.Module, ev: Evaluator) -> None:
-    """Re-estimate BatchNorm running statistics as exact sample-weighted averages over ``data``.
-
-    One pass with every module in eval mode and a forward hook on each BatchNorm that tracks
-    running statistics: the hook accumulates, per channel, the count, ``Σ(x - K)`` and
-    ``Σ(x - K)²`` of its input (float64, shifted by the old running mean ``K`` against
-    cancellation) and returns the input normalised by the batch's own statistics, as a
-    train-mode forward would (so later layers see what they see in training). Afterwards
-    ``running_mean = Σx / N`` and ``running_var = N / (N - 1) · (E[x²] - mean²)`` (unbiased, as
-    BatchNorm keeps it), ``N`` counting all elements of a channel over the whole dataset, so
-    the result does not depend on how the data is split into batches, and a batch of one
-    sample is fine. Sums are added over processes under ``torch.distributed``.
-    """
-    bns = [m for m in _batchnorms(model) if m.track_running_stats and m.running_mean is not None]
-    if not bns:
-        return
-    sums: dict[int, list] = {}
-
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = inputs[0]
-        if x.ndim < 2:
-            raise HesseError(f"a BatchNorm input has shape {list(x.shape)}; expected [N, C, ...].")
-        dims = [0] + list(range(2, x.ndim))
-        view = [1, -1] + [1] * (x.ndim - 2)
-        n = x.numel() // x.shape[1]
-        with torch.no_grad():
-            shift, acc = sums[id(module)][0], sums[id(module)][1]
-            xd = x.detach().to(torch.float64) - shift.view(view)
-            acc[0] += n
-            acc[1] += xd.sum(dims)
-            acc[2] += (xd * xd).sum(dims)
-            mean = xd.mean(dims)
-            var = (xd - mean.view(view)).pow(2).mean(dims)  # biased, as train-mode normalisation
-            y = (xd - mean.view(view)) / torch.sqrt(var.view(view) + module.eps)
-            y = y.to(x.dtype)
-            if module.affine:
-                y = y * module.weight.view(view) + module.bias.view(view)
-        return y
-
-    handles = []
     try:
-        for m in bns:
-            C = m.running_mean.numel()
-            shift = m.running_mean.detach().to(torch.float64).clone()
-            zeros = torch.zeros(C, dtype=torch.float64, device=m.running_mean.device)
-            sums[id(m)] = [shift, [0, zeros.clone(), zeros.clone()]]
-            handles.append(m.register_forward_hook(hook))
-        batches = 0
+        with eval_mode(objective.model):
+            vecs = _directions(objective, kind, given, dims, normalization, ignore_1d, seed, tol, progress, info)
+            info["direction_norms"] = [float(v.norm()) for v in vecs]
+            base = objective.evaluate()
+            _evaluate_grid(objective, vecs, grid, losses, accs, progress)
+    except KeyboardInterrupt as error:
+        return interrupted(error, result(), on_interrupt, "loss_landscape")
+    return result()
+
+
+# ---- interpolate --------------------------------------------------------------------------------
+def _buffer_name(module: str, buffer: str) -> str:
+    """The name of a module's buffer in ``named_buffers()``."""
+    return f"{module}.{buffer}" if module else buffer
+
+
+def _normalise_and_count(module: _BatchNorm, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A train-mode BatchNorm output (batch statistics) and ``[n, Σ(x - K), Σ(x - K)²]`` per channel.
+
+    ``n`` counts the elements of a channel; sums are in float64, shifted by ``K`` (model A's
+    running mean) against cancellation.
+    """
+    if x.ndim < 2:
+        raise HesseError(f"a BatchNorm input has shape {list(x.shape)}; expected [N, C, ...].")
+    dims = [0] + list(range(2, x.ndim))
+    view = [1, -1] + [1] * (x.ndim - 2)
+    xd = x.detach().to(torch.float64) - shift.view(view)
+    n = xd.new_tensor([x.numel() // x.shape[1]])
+    mean = xd.mean(dims)
+    var = (xd - mean.view(view)).pow(2).mean(dims)  # biased, as train-mode normalisation
+    y = ((xd - mean.view(view)) / torch.sqrt(var.view(view) + module.eps)).to(x.dtype)
+    if module.affine:
+        y = y * module.weight.view(view) + module.bias.view(view)
+    return y, torch.cat([n, xd.sum(dims), (xd * xd).sum(dims)])
+
+
+def _batchnorm_statistics(objective: Objective, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Exact sample-weighted BatchNorm running statistics at the parameter ``values``, as buffers.
+
+    One pass over the data (:meth:`Objective.call_model`, eval mode) with a forward hook on each
+    BatchNorm that tracks running statistics: it accumulates the count, ``Σ(x - K)`` and
+    ``Σ(x - K)²`` of its input per channel and returns the input normalised by the batch's own
+    statistics, as a train-mode forward would. Then ``running_mean = Σx / N`` and
+    ``running_var = N / (N - 1) · (E[x²] - mean²)`` (unbiased, as BatchNorm keeps it), ``N``
+    counting a channel's elements over the whole dataset (and all processes): independent
+    of the batching, and a batch of one sample is fine. Nothing is written into the model.
+    """
+    bns = {name: m for name, m in objective.model.named_modules()
+           if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None}
+    if not bns:
+        return {}
+    shifts = {name: m.running_mean.detach().to(torch.float64) for name, m in bns.items()}
+    sizes = {name: 1 + 2 * m.running_mean.numel() for name, m in bns.items()}
+    current: dict[str, torch.Tensor] = {}
+    batches = [0]
+
+    def hook(name: str) -> Callable[..., torch.Tensor]:
+        """A forward hook accumulating the statistics of BatchNorm ``name``."""
+        def run(module: _BatchNorm, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            """Replace the output by the batch-normalised input; add the batch's sums."""
+            with torch.no_grad():
+                y, stats = _normalise_and_count(module, inputs[0], shifts[name])
+            current[name] = current[name] + stats if name in current else stats
+            return y
+        return run
+
+    def per_batch(batch: Batch, index: int, weight: float) -> torch.Tensor:
+        """One forward pass; the batch's sums of every BatchNorm, concatenated."""
+        current.clear()
+        batches[0] += 1
         with torch.no_grad():
-            for batch in ev.data:
-                ev.forward(model, to_device(batch, ev.flat.device))
-                batches += 1
+            objective.call_model(values, batch)
+        return torch.cat([current.get(n, shifts[n].new_zeros(sizes[n])) for n in bns])
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in bns.items()]
+    try:
+        total, _ = objective.sum_over_data(per_batch, "batchnorm statistics")
     finally:
         for h in handles:
             h.remove()
-    with torch.no_grad():
-        for m in bns:
-            shift, (n, s1, s2) = sums[id(m)]
-            stats = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=s1.device), s1, s2])
-            all_reduce_sum(stats)
-            N, s1, s2 = stats[0].item(), stats[1:1 + s1.numel()], stats[1 + s1.numel():]
-            m.reset_running_stats()
-            if N == 0:
-                continue
-            mean_shifted = s1 / N
-            var = (s2 / N - mean_shifted ** 2).clamp_min(0) * (N / max(N - 1, 1))
-            m.running_mean.copy_((mean_shifted + shift).to(m.running_mean.dtype))
-            m.running_var.copy_(var.to(m.running_var.dtype))
-            if m.num_batches_tracked is not None:
-                m.num_batches_tracked.fill_(batches)
+    buffers, parts = {}, torch.split(total, list(sizes.values()))
+    for (name, m), part in zip(bns.items(), parts):
+        buffers.update(_running_statistics(name, m, part, shifts[name], batches[0]))
+    return buffers
+
+
+def _running_statistics(name: str, m: _BatchNorm, sums: torch.Tensor, shift: torch.Tensor,
+                        batches: int) -> dict[str, torch.Tensor]:
+    """``running_mean``/``running_var``/``num_batches_tracked`` buffers from ``[N, Σ(x-K), Σ(x-K)²]``."""
+    C = shift.numel()
+    N, s1, s2 = float(sums[0]), sums[1:1 + C], sums[1 + C:]
+    if N == 0:  # never reached: the reset statistics
+        mean, var, batches = torch.zeros_like(shift), torch.ones_like(shift), 0
+    else:
+        mean_shifted = s1 / N
+        mean = mean_shifted + shift
+        var = (s2 / N - mean_shifted ** 2).clamp_min(0) * (N / max(N - 1, 1))
+    out = {_buffer_name(name, "running_mean"): mean.to(m.running_mean.dtype),
+           _buffer_name(name, "running_var"): var.to(m.running_var.dtype)}
+    if m.num_batches_tracked is not None:
+        out[_buffer_name(name, "num_batches_tracked")] = torch.full_like(m.num_batches_tracked, batches)
+    return out
+
+
+def _interpolation_result(ts: np.ndarray, losses: np.ndarray, accs: np.ndarray, info: dict) -> Landscape:
+    """The landscape of an interpolation, with the barrier when ``ts`` covers ``[0, 1]``."""
+    if ts[0] <= 0.0 and ts[-1] >= 1.0:
+        la, lb = np.interp(0.0, ts, losses), np.interp(1.0, ts, losses)
+        inside = (ts >= 0) & (ts <= 1)
+        info["barrier"] = float(np.max(losses[inside] - ((1 - ts[inside]) * la + ts[inside] * lb)))
+        info["loss_a"], info["loss_b"] = float(la), float(lb)
+    i0 = int(np.argmin(np.abs(ts)))
+    acc_seen = not np.all(np.isnan(accs))
+    return Landscape(alphas=ts, betas=None, loss=losses, accuracy=accs if acc_seen else None, kind="interpolation",
+                     base_loss=float(losses[i0]), base_accuracy=float(accs[i0]) if acc_seen else None, info=info)
+
+
+def _check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> tuple[dict, dict]:
+    """Both models' parameters and buffers by name; refuses different names or shapes."""
+    sa = dict(model_a.named_parameters()) | dict(model_a.named_buffers())
+    sb = dict(model_b.named_parameters()) | dict(model_b.named_buffers())
+    if set(sa) != set(sb) or any(sa[n].shape != sb[n].shape for n in sa):
+        raise HesseError(
+            "model_a and model_b must have the same architecture (same parameter and buffer names and shapes)."
+        )
+    return sa, sb
 
 
 def interpolate(
@@ -569,65 +490,47 @@ def interpolate(
     forward: ForwardFn | None = None,
     num_samples: Callable[[Batch], int] | None = None,
     reduction: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
+    on_interrupt: str = "raise",
 ) -> Landscape:
     """Loss and accuracy on the straight line ``w(t) = (1 - t) w_A + t w_B``, ``t`` on ``steps``
     points of ``span`` (``(0, 1)``: from A to B; wider spans extrapolate).
 
     Linear mode connectivity (Goodfellow et al. 2015; Frankle et al. 2020): a barrier
     ``max_t L(w(t)) - ((1 - t) L(w_A) + t L(w_B))`` near 0 means A and B are linearly connected;
-    ``info["barrier"]`` holds it when ``span`` covers ``[0, 1]``. All floating-point parameters
-    are interpolated. BatchNorm running statistics (``batchnorm=``): ``"interpolate"`` them
-    like the weights, ``"recompute"`` them on ``data`` at each point (Jordan et al. 2023,
-    "REPAIR", show interpolated statistics can be far off), or ``"keep"`` model A's.
-    Recomputed statistics are sample-weighted over all of ``data`` (the mean and the unbiased
-    variance of each channel's inputs, as one train-mode pass over the whole dataset would
-    give), so uneven batches, even of one sample, bias nothing. ``reduction`` as in
-    :func:`loss_landscape`.
-    Evaluation runs on ``model_a`` in eval mode, which is restored exactly; ``model_b`` is only read.
+    ``info["barrier"]`` holds it when ``span`` covers ``[0, 1]``. All of model A's parameters
+    are interpolated (one :class:`hesse.Objective` over them). BatchNorm running statistics
+    (``batchnorm=``): ``"interpolate"`` them like the weights, ``"recompute"`` them on ``data``
+    at each point (exact sample-weighted mean and unbiased variance, see
+    :func:`_batchnorm_statistics`; Jordan et al. 2023, "REPAIR", show interpolated statistics
+    can be far off), or ``"keep"`` model A's. Points are evaluated in eval mode with the
+    values and statistics substituted; neither model is modified. Ctrl-C: see :mod:`hesse.errors`.
     """
     if batchnorm not in BATCHNORM:
         raise HesseError(f"unknown batchnorm {batchnorm!r}; choose one of {BATCHNORM}.")
     if not (isinstance(steps, int) and steps >= 2):
         raise HesseError(f"steps must be an integer >= 2, got {steps!r}.")
-    sa = dict(model_a.named_parameters()) | dict(model_a.named_buffers())
-    sb = dict(model_b.named_parameters()) | dict(model_b.named_buffers())
-    if set(sa) != set(sb) or any(sa[n].shape != sb[n].shape for n in sa):
-        raise HesseError(
-            "model_a and model_b must have the same architecture (same parameter and buffer names and shapes)."
-        )
-    params_a = dict(model_a.named_parameters())
-    stats = ("running_mean", "running_var")
-    bn_buffers = {f"{name}.{s}" if name else s for name, m in model_a.named_modules()
-                  if isinstance(m, nn.modules.batchnorm._BatchNorm) for s in stats}
-    moving = [n for n in sa if sa[n].is_floating_point()
-              and (n in params_a or (batchnorm == "interpolate" and n in bn_buffers))]
-    ev = Evaluator(model_a, criterion, data, forward=forward, num_samples=num_samples, params=list(params_a),
-                   reduction=reduction)
+    check_on_interrupt(on_interrupt)
+    sa, sb = _check_same_architecture(model_a, model_b)
+    objective = objective_in_eval_mode(model_a, criterion, data, params=list(dict(model_a.named_parameters())),
+                                       forward=forward, num_samples=num_samples, reduction=reduction)
+    bn_names = {_buffer_name(name, s) for name, m in model_a.named_modules() if isinstance(m, _BatchNorm)
+                for s in ("running_mean", "running_var")}
+    moving_buffers = ([n for n in sb if n in bn_names and sa[n].is_floating_point()]
+                      if batchnorm == "interpolate" else [])
+    start = {n: sa[n].detach() for n in objective.param_names + moving_buffers}
+    end = {n: sb[n].detach().to(sa[n].dtype).to(sa[n].device) for n in start}
     ts = np.linspace(span[0], span[1], steps)
-    losses, accs = np.empty(steps), np.empty(steps)
-    acc_seen = False
-    with preserved(model_a):
-        model_a.eval()
-        start = {n: sa[n].detach().clone() for n in moving}
-        end = {n: sb[n].detach().to(sa[n].dtype).to(sa[n].device) for n in moving}
-        for i, t in enumerate(tqdm(ts, desc="interpolate", disable=not progress, leave=False)):
-            with torch.no_grad():
-                for n in moving:
-                    sa[n].copy_(torch.lerp(start[n], end[n], float(t)))
-            if batchnorm == "recompute" and _batchnorms(model_a):
-                _recompute_batchnorm(model_a, ev)
-            losses[i], acc, _ = ev()
-            acc_seen = acc_seen or acc is not None
-            accs[i] = np.nan if acc is None else acc
+    losses, accs = np.full(steps, np.nan), np.full(steps, np.nan)
     info: dict[str, Any] = {"batchnorm": batchnorm, "span": list(span), "steps": steps}
-    if span[0] <= 0.0 and span[1] >= 1.0:
-        la, lb = np.interp(0.0, ts, losses), np.interp(1.0, ts, losses)
-        inside = (ts >= 0) & (ts <= 1)
-        info["barrier"] = float(np.max(losses[inside] - ((1 - ts[inside]) * la + ts[inside] * lb)))
-        info["loss_a"], info["loss_b"] = float(la), float(lb)
-    i0 = int(np.argmin(np.abs(ts)))
-    return Landscape(
-        alphas=ts, betas=None, loss=losses, accuracy=accs if acc_seen else None, kind="interpolation",
-        base_loss=float(losses[i0]), base_accuracy=float(accs[i0]) if acc_seen else None, info=info,
-    )
+    try:
+        with eval_mode(model_a):
+            for i, t in enumerate(progress_bar(ts, total=steps, desc="interpolate", enabled=progress)):
+                values = {n: torch.lerp(start[n], end[n], float(t)) for n in objective.param_names}
+                buffers = {n: torch.lerp(start[n], end[n], float(t)) for n in moving_buffers}
+                if batchnorm == "recompute":
+                    buffers = _batchnorm_statistics(objective, values)
+                _store(objective.evaluate(at=values, buffers=buffers or None), losses, accs, i)
+    except KeyboardInterrupt as error:
+        return interrupted(error, _interpolation_result(ts, losses, accs, info), on_interrupt, "interpolate")
+    return _interpolation_result(ts, losses, accs, info)

@@ -2,15 +2,16 @@
 
 For gradient descent with step size ``η`` on a quadratic, the iteration is stable only if
 ``λ_max(H) < 2 / η``; with heavy-ball momentum ``β`` (``torch.optim.SGD(momentum=β)``) only if
-``λ_max(H) < (2 + 2β) / η`` (3.8/η at β = 0.9). Cohen, Kaur, Li, Kolter & Talwalkar (2021),
-"Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability", observed that
-full-batch GD on neural networks first *sharpens progressively* (``λ_max`` rises) until it
-reaches ``2 / η`` (the threshold of the optimizer in use), then
-hovers there ("edge of stability") while the loss keeps decreasing non-monotonically.
+``λ_max(H) < (2 + 2β) / η`` (3.8/η at β = 0.9); see
+:func:`hesse.analysis.linear_stability.stability_threshold` for dampening and Nesterov.
+Cohen, Kaur, Li, Kolter & Talwalkar (2021), "Gradient Descent on Neural Networks Typically
+Occurs at the Edge of Stability", observed that full-batch GD on neural networks first
+*sharpens progressively* (``λ_max`` rises) until it reaches ``2 / η`` (the threshold of the
+optimizer in use), then hovers there ("edge of stability") while the loss keeps decreasing non-monotonically.
 :class:`SharpnessMonitor` records ``λ_max`` every few steps, warm-started from the previous
 eigenvector, so each measurement costs a few Hessian-vector products.
 
-Usage in a plain loop (two lines)::
+Usage in a plain loop (two lines; ``hesse.Objective(model, criterion, (X, y))`` works too)::
 
     monitor = SharpnessMonitor(model, criterion, (X, y), every=10, optimizer=opt, log_dir="runs/eos")
     for step in range(n_steps):
@@ -28,18 +29,22 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from hesse.errors import HesseError
-from hesse.operators import LinearOperator
-from hesse.operators.objective import ParamSpec
-from hesse.operators.data import Batch, ForwardFn
+from hesse.analysis.landscape import eval_mode, objective_in_eval_mode
+from hesse.analysis.linear_stability import stability_threshold
+from hesse.errors import HesseError, interrupted
+from hesse.linalg import eigenvalues, trace
+from hesse.operators import Hessian, LinearOperator, Objective
 from hesse.results import to_jsonable
-from hesse.analysis.landscape import resolve_reduction
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["SharpnessMonitor"]
 
@@ -56,6 +61,14 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def _not_interrupted(result: Any) -> Any:
+    """``result``, unless the solver caught Ctrl-C and returned it partial: then re-raise the
+    interrupt (with ``error.partial``), so training stops as the user asked."""
+    if getattr(result, "interrupted", False):
+        interrupted(KeyboardInterrupt(), result, "raise", "SharpnessMonitor")
+    return result
+
+
 class SharpnessMonitor:
     """Record the top Hessian eigenvalue(s) (and optionally the trace) every ``every`` steps.
 
@@ -67,28 +80,29 @@ class SharpnessMonitor:
     ``dampening`` and ``nesterov`` (or a fixed ``momentum``, default 0). ``history`` is a list of
     dicts with ``step, lr, momentum, two_over_lr, threshold, eigenvalue, eigenvalues, residual,
     converged, matvecs`` (+ ``trace, trace_stderr, trace_matvecs``; ``loss`` when given to
-    :meth:`step`; ``time``). ``two_over_lr`` is ``2 / lr``; ``threshold`` is the largest
-    curvature for which the optimizer is stable on a quadratic, the edge-of-stability line:
-    ``2 / lr`` for plain gradient descent, ``(2 + 2β) / lr`` for heavy-ball momentum ``β``
-    (``(2 + 2β) / ((1 - dampening) lr)`` with dampening), ``(2 + 2β) / ((1 + 2β) lr)`` for
-    PyTorch's Nesterov momentum. The threshold is for SGD-type updates; for adaptive optimizers
-    (Adam, RMSprop) the stability condition is on the preconditioned Hessian, and the line is
-    only a reference.
+    :meth:`step`; ``time``). ``two_over_lr`` is ``2 / lr``; ``threshold`` is
+    :func:`~hesse.analysis.linear_stability.stability_threshold` of the optimizer's settings,
+    the largest curvature for which it is stable on a quadratic, the edge-of-stability line:
+    ``2 / lr`` for plain gradient descent, ``(2 + 2β) / lr`` for heavy-ball momentum ``β``.
+    The threshold is for SGD-type updates; for adaptive optimizers (Adam, RMSprop) the
+    stability condition is on the preconditioned Hessian, and the line is only a reference.
     With ``log_dir`` every record rewrites ``sharpness.csv`` and ``sharpness.json`` atomically.
 
-    ``operator`` replaces the Hessian built from ``criterion`` and ``data`` (e.g.
-    ``hesse.Hessian(..., method="double-backward")`` or a ``hesse.GGN``); it must read the
-    model's current weights, as hesse's curvature operators do.
+    ``model`` is an :class:`hesse.Objective`, or a model with ``criterion``, ``data`` and the
+    Objective's ``settings`` (``params``, ``forward``, ``num_samples``, ``reduction``, ...).
+    ``operator`` replaces the Hessian of that objective (e.g. a ``hesse.GGN``); it must read
+    the model's current weights, as hesse's curvature operators do.
 
     The curvature is measured with the model in eval mode (modes are restored after); the
-    model's weights and ``.grad`` are never modified.
+    model's weights and ``.grad`` are never modified. The monitor shows no progress bars, and
+    Ctrl-C during a measurement stops training (the interrupt is re-raised, never swallowed).
     """
 
     def __init__(
         self,
-        model: nn.Module,
-        criterion: Callable[[torch.Tensor, Any], torch.Tensor],
-        data: Any,
+        model: nn.Module | Objective,
+        criterion: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+        data: Any = None,
         *,
         every: int = 10,
         optimizer: torch.optim.Optimizer | None = None,
@@ -100,15 +114,10 @@ class SharpnessMonitor:
         k: int = 1,
         tol: float = 1e-3,
         warm_start: bool = True,
-        params: ParamSpec = None,
-        forward: ForwardFn | None = None,
-        num_samples: Callable[[Batch], int] | None = None,
-        reduction: str | None = None,
         seed: int = 0,
         operator: LinearOperator | None = None,
+        **settings: Any,
     ):
-        from hesse.operators import Hessian
-
         if not (isinstance(every, int) and every >= 1):
             raise HesseError(f"every must be a positive integer, got {every!r}.")
         if not (isinstance(k, int) and k >= 1):
@@ -119,18 +128,10 @@ class SharpnessMonitor:
             raise HesseError("pass either optimizer= (momentum read from it) or a fixed momentum=, not both.")
         if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
             raise HesseError(f"momentum must be a number in [0, 1), got {momentum!r}.")
-        if operator is None:
-            reduction = resolve_reduction(criterion, reduction)
-        self.model = model
-        modes = [(m, m.training) for m in model.modules()]
-        try:  # built in eval mode: a training model with dropout/BatchNorm is measured deterministically
-            model.eval()
-            self.hessian = operator if operator is not None else Hessian(
-                model, criterion, data, params=params, forward=forward, num_samples=num_samples,
-                reduction=reduction)
-        finally:
-            for m, training in modes:
-                m.training = training
+        if operator is None:  # built in eval mode: a model in train mode (dropout, BatchNorm) is accepted
+            operator = Hessian(objective_in_eval_mode(model, criterion, data, **settings))
+        self.model = model.model if isinstance(model, Objective) else model
+        self.hessian = operator
         self.every, self.optimizer, self.fixed_lr, self.fixed_momentum = every, optimizer, lr, momentum
         self.trace, self.trace_budget = trace, trace_budget
         self.k, self.tol, self.warm_start, self.seed = k, tol, warm_start, seed
@@ -158,19 +159,14 @@ class SharpnessMonitor:
 
     @property
     def threshold(self) -> float | None:
-        """The stability threshold on ``λ_max``: ``(2 + 2β) / lr`` (heavy ball; ``2 / lr`` without
-        momentum), divided by ``1 - dampening`` with dampening and by ``1 + 2β`` with Nesterov."""
+        """:func:`~hesse.analysis.linear_stability.stability_threshold` of the current lr, momentum,
+        dampening and Nesterov flag (``None`` without a learning rate)."""
         lr = self.lr
         if not lr:
             return None
-        beta = self.momentum
         group = self.optimizer.param_groups[0] if self.optimizer is not None else {}
-        if group.get("nesterov", False):
-            return (2.0 + 2.0 * beta) / ((1.0 + 2.0 * beta) * lr)
-        dampening = float(group.get("dampening", 0.0) or 0.0) if beta else 0.0
-        if dampening >= 1.0:
-            return None
-        return (2.0 + 2.0 * beta) / ((1.0 - dampening) * lr)
+        return stability_threshold(lr, self.momentum, float(group.get("dampening", 0.0) or 0.0),
+                                   bool(group.get("nesterov", False)))
 
     def step(self, loss: float | None = None) -> dict[str, Any] | None:
         """Count one optimizer step; measure (and return the record) every ``every`` steps."""
@@ -181,35 +177,22 @@ class SharpnessMonitor:
 
     def record(self, loss: float | None = None) -> dict[str, Any]:
         """Measure now: top eigenvalue(s), optionally the trace; log and return the record."""
-        from hesse.linalg import eigenvalues
-
-        modes = [(m, m.training) for m in self.model.modules()]
-        try:
-            self.model.eval()
+        lr = self.lr
+        rec: dict[str, Any] = {"step": self.step_count, "lr": lr, "momentum": self.momentum,
+                               "two_over_lr": 2.0 / lr if lr else None, "threshold": self.threshold}
+        with eval_mode(self.model):
             v0 = self._vectors if self.warm_start else None
-            eig = eigenvalues(self.hessian, k=self.k, which="largest", tol=self.tol, v0=v0,
-                              seed=self.seed + self.step_count, check_symmetric=False, progress=False)
+            eig = _not_interrupted(eigenvalues(self.hessian, k=self.k, which="largest", tol=self.tol, v0=v0,
+                                               seed=self.seed + self.step_count, check_symmetric=False,
+                                               progress=False))
             self._vectors = eig.vectors
-            rec: dict[str, Any] = {"step": self.step_count}
-            lr = self.lr
-            rec["lr"] = lr
-            rec["momentum"] = self.momentum
-            rec["two_over_lr"] = 2.0 / lr if lr else None
-            rec["threshold"] = self.threshold
-            rec["eigenvalue"] = float(eig.values[0])
-            rec["eigenvalues"] = eig.values.tolist()
-            rec["residual"] = float(eig.residuals[0])
-            rec["converged"] = bool(eig.converged.all())
-            rec["matvecs"] = int(eig.matvecs)
+            rec.update(eigenvalue=float(eig.values[0]), eigenvalues=eig.values.tolist(),
+                       residual=float(eig.residuals[0]), converged=bool(eig.converged.all()),
+                       matvecs=int(eig.matvecs))
             if self.trace:
-                from hesse.linalg import trace
-
-                tr = trace(self.hessian, budget=self.trace_budget, seed=self.seed + self.step_count,
-                           check_symmetric=False, progress=False)
+                tr = _not_interrupted(trace(self.hessian, budget=self.trace_budget, seed=self.seed + self.step_count,
+                                            check_symmetric=False, progress=False))
                 rec.update(trace=float(tr.estimate), trace_stderr=float(tr.stderr), trace_matvecs=int(tr.matvecs))
-        finally:
-            for m, training in modes:
-                m.training = training
         rec["loss"] = None if loss is None else float(loss)
         rec["time"] = time.perf_counter() - self._t0
         self.history.append(rec)
@@ -219,10 +202,12 @@ class SharpnessMonitor:
 
     # ---- views of the history ---------------------------------------------------------------
     def _column(self, key: str) -> np.ndarray:
+        """One field of every record as floats (NaN where missing)."""
         return np.array([np.nan if r.get(key) is None else r[key] for r in self.history], dtype=np.float64)
 
     @property
     def steps(self) -> np.ndarray:
+        """The step of every record."""
         return self._column("step")
 
     @property
@@ -231,6 +216,7 @@ class SharpnessMonitor:
         return self._column("eigenvalue")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings and the history, JSON-ready."""
         return to_jsonable({
             "every": self.every, "k": self.k, "tol": self.tol, "warm_start": self.warm_start,
             "trace": self.trace, "history": self.history,
@@ -259,7 +245,7 @@ class SharpnessMonitor:
         _atomic_write(json_path, json.dumps(self.to_dict(), indent=2, allow_nan=True))
         return csv_path, json_path
 
-    def plot(self, ax=None, label: str | None = None, color: str | None = None):
+    def plot(self, ax: Axes | None = None, label: str | None = None, color: str | None = None) -> Figure:
         """Sharpness over training with the stability threshold (``2/lr``, or ``(2+2β)/lr`` with
         momentum ``β``); returns the ``Figure``.
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from hesse.errors import HesseError
@@ -49,9 +50,11 @@ def prepare_operator(obj, check_symmetric: bool, seed: int) -> tuple[LinearOpera
 
 def check_positive(name: str, value, integer: bool = False) -> None:
     """Raise a HesseError unless ``value`` is a positive (integer) number."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
     if integer:
-        ok = ok and float(value).is_integer()
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+    else:
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+            and math.isfinite(value) and value > 0
     if not ok:
         kind = "a positive integer" if integer else "a positive number"
         raise HesseError(f"{name} must be {kind}, got {value!r}; pass e.g. {name}={'100' if integer else '1e-3'}.")

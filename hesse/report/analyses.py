@@ -8,11 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hesse.analysis import bulk_outlier_split, density, per_layer, stability
+from hesse.analysis import bulk_outlier_split, per_layer, stability
 from hesse.analysis.landscape import loss_landscape
-from hesse.analysis.sharpness import sharpness
+from hesse.analysis.sharpness import average_sharpness, worst_case_sharpness
 from hesse.errors import HesseError
-from hesse.linalg import eigenvalues, trace
+from hesse.linalg import density, eigenvalues, trace
 from hesse.operators import Objective
 from hesse.operators.curvature import CurvatureOperator
 
@@ -73,13 +73,9 @@ class AnalysisRun:
 
 def _sharpness_measures(objective: Objective, seed: int, progress: bool) -> dict[str, Any]:
     """Worst-case loss rise in an L2 ball of radius rho, and the average under Gaussian noise."""
-    # merge: swap these two calls for the objective-based worst-case and average sharpness functions
-    common = dict(params=objective.param_names, forward=objective.forward, num_samples=objective.count_samples,
-                  reduction=objective.reduction, seed=seed, progress=progress)
-    model, criterion, data = objective.model, objective.criterion, objective.data.source
     return {
-        "worst": sharpness(model, criterion, data, "worst", rho=SHARPNESS_RHO, **common),
-        "average": sharpness(model, criterion, data, "average", sigma=SHARPNESS_SIGMA, **common),
+        "worst": worst_case_sharpness(objective, rho=SHARPNESS_RHO, seed=seed, progress=progress),
+        "average": average_sharpness(objective, sigma=SHARPNESS_SIGMA, seed=seed, progress=progress),
     }
 
 

@@ -1,8 +1,10 @@
 """Learning-rate stability diagnostics from the curvature spectrum.
 
 * GD (linear stability, edge of stability; Cohen et al. 2021, "Gradient Descent on Neural
-  Networks Typically Occurs at the Edge of Stability"): along the top eigenvector, GD with
-  step ``lr`` (heavy-ball momentum ``beta``) is stable iff ``lambda_max <= (2 + 2 beta) / lr``.
+  Networks Typically Occurs at the Edge of Stability"): along the top eigenvector, (momentum)
+  gradient descent with step ``lr`` is stable iff ``lambda_max`` is below
+  :func:`stability_threshold` (``2 / lr`` without momentum, ``(2 + 2 beta) / lr`` with
+  heavy-ball momentum ``beta``).
 * SGD (Wu & Su 2023, "The Implicit Regularization of Dynamical Stability in SGD"): a global
   minimum that is linearly stable for SGD with single-sample batches must have
   ``tr(H) <= 2 / lr`` (a necessary condition, derived for a mean-reduced loss at an
@@ -20,17 +22,64 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import numpy as np
 
-from hesse.errors import HesseError
+from hesse.errors import HesseError, check_on_interrupt, interrupted
 from hesse.linalg import eigenvalues, trace
 from hesse.linalg.checks import check_positive
 from hesse.results import _fmt, _ResultMixin
 
+__all__ = ["BatchSharpnessResult", "StabilityResult", "batch_size_sharpness", "stability", "stability_threshold"]
+
 EDGE_BAND = 0.9
+
+
+def stability_threshold(lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+                        batch_size: int | None = None) -> float:
+    """The largest curvature ``λ`` at which SGD (``torch.optim.SGD`` conventions) is stable on ``½ λ x²``.
+
+    The update is ``b ← μ b + (1 - d) g``, ``x ← x - lr (g + μ b)`` (Nesterov) or ``x ← x - lr b``
+    (heavy ball), ``g = λ x``, ``μ = momentum``, ``d = dampening`` (with ``μ = 0`` PyTorch keeps
+    no buffer: plain GD, ``d`` unused). With ``a = lr λ``, ``c = 1 - d`` the state ``(x, b)``
+    evolves by the companion matrix
+
+    * heavy ball: ``[[1 - c a, -lr μ], [c λ, μ]]``, trace ``T = 1 + μ - c a``, det ``D = μ``;
+    * Nesterov: ``[[1 - a (1 + μ c), -lr μ²], [c λ, μ]]``, ``T = 1 + μ - a (1 + μ c)``, ``D = μ (1 - a)``.
+
+    Its eigenvalues solve ``z² - T z + D = 0``; they lie inside the unit circle iff
+    ``|D| < 1`` and ``|T| < 1 + D`` (Jury). ``1 - T + D = c a > 0`` always holds, and the edge is
+    ``1 + T + D = 0`` (an eigenvalue crosses ``-1``, the iterate flips sign and grows), so
+
+    * GD: ``λ < 2 / lr``;
+    * heavy ball: ``λ < (2 + 2μ) / (lr (1 - d))`` (Polyak 1964; ``∞`` at ``d = 1``: no step);
+    * Nesterov: ``λ < (2 + 2μ) / (lr (1 + μ + μ (1 - d)))``, ``(2 + 2μ) / ((1 + 2μ) lr)`` at ``d = 0``.
+
+    PyTorch's first step (``b = g``, undamped) is a transient that does not change stability.
+    ``batch_size=B`` gives instead the threshold of the mini-batch SGD check of :func:`stability`,
+    on ``tr(H)/B + (1 - 1/B) λ_max`` (Wu & Su 2023 at ``B = 1``): ``2 / lr``, derived for plain
+    SGD, so momentum is refused there.
+    """
+    check_positive("lr", lr)
+    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+        raise HesseError(f"momentum must be in [0, 1), got {momentum!r}.")
+    if not (isinstance(dampening, (int, float)) and 0 <= dampening <= 1):
+        raise HesseError(f"dampening must be in [0, 1], got {dampening!r}.")
+    if batch_size is not None:
+        check_positive("batch_size", batch_size, integer=True)
+        if momentum:
+            raise HesseError("the mini-batch SGD condition (batch_size=) is derived for plain SGD; "
+                             "pass momentum=0, or leave batch_size out for the full-batch threshold.")
+        return 2.0 / lr
+    if momentum == 0:
+        return 2.0 / lr
+    c = 1.0 - dampening
+    if nesterov:
+        return (2.0 + 2.0 * momentum) / ((1.0 + momentum + momentum * c) * lr)
+    return math.inf if c == 0 else (2.0 + 2.0 * momentum) / (c * lr)
 
 
 @dataclass(repr=False)
@@ -52,6 +101,8 @@ class StabilityResult(_ResultMixin):
     sgd_ratio: float
     sgd_verdict: str
     matvecs: int
+    dampening: float = 0.0
+    nesterov: bool = False
 
     def __repr__(self) -> str:
         return (
@@ -65,14 +116,16 @@ class StabilityResult(_ResultMixin):
 
 
 def _gd_verdict(ratio: float) -> str:
+    """Stable, at the edge (within 10%) or unstable, from ``lambda_max / threshold``."""
     if ratio > 1:
-        return "unstable: sharpness above (2+2 momentum)/lr, GD oscillates along the top eigenvector"
+        return "unstable: sharpness above the stability threshold, GD oscillates along the top eigenvector"
     if ratio >= EDGE_BAND:
-        return "edge of stability: sharpness within 10% of (2+2 momentum)/lr"
+        return "edge of stability: sharpness within 10% of the stability threshold"
     return "stable"
 
 
 def _sgd_verdict(estimate: float, stderr: float, threshold: float, batch_size: int) -> str:
+    """Satisfied, violated or uncertain (two standard errors) for the SGD condition."""
     quantity = "trace" if batch_size == 1 else "tr/B + (1-1/B) lambda_max"
     if estimate - 2 * stderr > threshold:
         return (f"violated: {quantity} above 2/lr at batch size {batch_size}, not a linearly stable minimum "
@@ -83,25 +136,29 @@ def _sgd_verdict(estimate: float, stderr: float, threshold: float, batch_size: i
     return f"uncertain: 2/lr lies within two standard errors of {quantity} at batch size {batch_size}"
 
 
+# over 60 lines only through its docstring, which derives the SGD condition
 def stability(
-    op,
+    op: Any,
     lr: float,
     *,
     batch_size: int = 1,
     momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
     tol: float = 1e-4,
     trace_budget: int = 99,
     trace_method: str = "hutch++",
     seed: int = 0,
     check_symmetric: bool = True,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> StabilityResult:
-    """Compare ``lambda_max`` with ``(2 + 2 momentum)/lr`` (GD) and ``tr(H)/B + (1-1/B) lambda_max`` with ``2/lr`` (SGD).
+    """Compare ``lambda_max`` with :func:`stability_threshold` (GD), ``tr(H)/B + (1-1/B) lambda_max`` with ``2/lr`` (SGD).
 
     ``batch_size`` is the batch size ``B`` the model was (or will be) trained with; it only
-    enters the SGD check. Ratios above 1 mean the threshold is exceeded. The SGD verdict
-    accounts for the trace estimate's standard error (two-sigma rule, on ``stderr / B``;
-    the error of ``lambda_max`` is ignored, it is far smaller).
+    enters the SGD check. ``momentum``, ``dampening``, ``nesterov`` are those of
+    ``torch.optim.SGD``; they only enter the GD check. Ratios above 1 mean the threshold is
+    exceeded. The SGD verdict accounts for the trace estimate's standard error (two-sigma
+    rule, on ``stderr / B``; the error of ``lambda_max`` is ignored, it is far smaller).
 
     SGD condition. Near an interpolating minimum ``theta*`` (every per-sample gradient
     vanishes) an SGD step on the linearised dynamics is ``d <- (I - lr H_B) d`` with the
@@ -128,29 +185,25 @@ def stability(
     Read it, like Wu & Su's, as a necessary condition for a minimum that SGD can stay at,
     not a sufficient one.
 
-    Result: ``sgd_threshold = 2/lr``, ``sgd_quantity = tr/B + (1 - 1/B) lambda_max``,
-    ``sgd_ratio = sgd_quantity / sgd_threshold``.
+    Result: ``sgd_threshold = stability_threshold(lr, batch_size=B) = 2/lr``,
+    ``sgd_quantity = tr/B + (1 - 1/B) lambda_max``, ``sgd_ratio = sgd_quantity / sgd_threshold``.
     """
-    check_positive("lr", lr)
-    check_positive("batch_size", batch_size, integer=True)
-    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-        raise HesseError(f"momentum must be in [0, 1), got {momentum!r}.")
+    gd_threshold = stability_threshold(lr, momentum, dampening, nesterov)
+    sgd_threshold = stability_threshold(lr, batch_size=batch_size)
     batch_size = int(batch_size)
-    top = eigenvalues(op, k=1, which="largest", tol=tol, seed=seed,
-                      check_symmetric=check_symmetric, progress=progress)
+    top = eigenvalues(op, k=1, which="largest", tol=tol, seed=seed, check_symmetric=check_symmetric,
+                      progress=progress)
     tr = trace(op, trace_method, budget=trace_budget, seed=seed, check_symmetric=False, progress=progress)
-    gd_threshold, sgd_threshold = (2 + 2 * momentum) / lr, 2 / lr
     lam = float(top.values[0])
     sgd_quantity = tr.estimate / batch_size + (1 - 1 / batch_size) * lam
-    sgd_stderr = tr.stderr / batch_size
     gd_ratio, sgd_ratio = lam / gd_threshold, sgd_quantity / sgd_threshold
     return StabilityResult(
         lr=float(lr), momentum=float(momentum), batch_size=batch_size, gd_threshold=gd_threshold,
         top_eigenvalue=lam, top_converged=bool(top.converged[0]), gd_ratio=gd_ratio,
         gd_verdict=_gd_verdict(gd_ratio), sgd_threshold=sgd_threshold, trace=tr.estimate,
         trace_stderr=tr.stderr, sgd_quantity=sgd_quantity, sgd_ratio=sgd_ratio,
-        sgd_verdict=_sgd_verdict(sgd_quantity, sgd_stderr, sgd_threshold, batch_size),
-        matvecs=top.matvecs + tr.matvecs,
+        sgd_verdict=_sgd_verdict(sgd_quantity, tr.stderr / batch_size, sgd_threshold, batch_size),
+        matvecs=top.matvecs + tr.matvecs, dampening=float(dampening), nesterov=bool(nesterov),
     )
 
 
@@ -160,6 +213,7 @@ class BatchSharpnessResult(_ResultMixin):
 
     ``values[i]``: the ``repeats`` top eigenvalues for ``batch_sizes[i]``; ``max_stable_lr``:
     ``2 / mean``; ``fit``: least-squares ``lambda(B) ~ a + c / B`` (``a``: the large-batch limit).
+    ``interrupted``: Ctrl-C stopped the sweep; only the sizes measured so far are listed.
     """
 
     batch_sizes: list[int]
@@ -169,31 +223,49 @@ class BatchSharpnessResult(_ResultMixin):
     max_stable_lr: list[float]
     fit: dict[str, float]
     matvecs: int
+    interrupted: bool = False
 
     def __repr__(self) -> str:
         rows = "\n".join(
             f"  B={b:>6d}: lambda_max={_fmt(m)} +- {_fmt(s)}  (2/lambda={_fmt(lr)})"
             for b, m, s, lr in zip(self.batch_sizes, self.mean, self.std, self.max_stable_lr)
         )
+        flag = " INTERRUPTED" if self.interrupted else ""
         return (f"BatchSharpnessResult(fit lambda(B) ~ {_fmt(self.fit['a'])} + {_fmt(self.fit['c'])}/B,"
-                f" matvecs={self.matvecs}\n{rows})")
+                f" matvecs={self.matvecs}{flag}\n{rows})")
+
+
+def _batch_sharpness_result(sizes: list[int], values: list[list[float]], matvecs: int) -> BatchSharpnessResult:
+    """Means, spreads, ``2 / mean`` and the fit ``lambda(B) ~ a + c / B`` of the measured sizes."""
+    sizes = sizes[:len(values)]
+    mean = [float(np.mean(v)) for v in values]
+    std = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values]
+    if len(set(sizes)) >= 2:
+        X = np.stack([np.ones(len(sizes)), 1 / np.array(sizes, dtype=float)], 1)
+        (a, c), *_ = np.linalg.lstsq(X, np.array(mean), rcond=None)
+    else:
+        a, c = (mean[0] if mean else math.nan), math.nan
+    lrs = [2 / m if m > 0 else math.inf for m in mean]
+    return BatchSharpnessResult(sizes, values, mean, std, lrs, {"a": float(a), "c": float(c)}, matvecs)
 
 
 def batch_size_sharpness(
-    make_op: Callable,
-    batch_sizes,
+    make_op: Callable[..., Any],
+    batch_sizes: Iterable[int],
     *,
     repeats: int = 3,
     tol: float = 1e-3,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | None = None,
+    on_interrupt: str = "raise",
 ) -> BatchSharpnessResult:
-    """Top eigenvalue of mini-batch curvature as a function of the batch size.
+    """Top eigenvalue of mini-batch curvature as a function of the batch size (Granziol et al. 2022).
 
     ``make_op(batch_size)`` or ``make_op(batch_size, seed)`` must return an operator for a
     freshly drawn mini-batch of that size (e.g. ``hesse.Hessian`` on one batch); it is
     called ``repeats`` times per size (seeds ``seed, seed+1, ...``), so the model code stays
-    outside this function.
+    outside this function. Ctrl-C: see :mod:`hesse.errors` (the partial result holds the
+    sizes completed so far).
     """
     if not callable(make_op):
         raise HesseError("make_op must be a callable batch_size -> operator, e.g. "
@@ -202,22 +274,22 @@ def batch_size_sharpness(
     if not sizes or any(b <= 0 for b in sizes):
         raise HesseError(f"batch_sizes must be a non-empty list of positive integers, got {batch_sizes!r}.")
     check_positive("repeats", repeats, integer=True)
+    check_on_interrupt(on_interrupt)
     takes_seed = len(inspect.signature(make_op).parameters) >= 2
-    values, matvecs = [], 0
-    for b in sizes:
-        row = []
-        for r in range(repeats):
-            op = make_op(b, seed + r) if takes_seed else make_op(b)
-            res = eigenvalues(op, k=1, tol=tol, seed=seed + r, progress=progress)
-            row.append(float(res.values[0]))
-            matvecs += res.matvecs
-        values.append(row)
-    mean = [float(np.mean(v)) for v in values]
-    std = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values]
-    if len(set(sizes)) >= 2:
-        X = np.stack([np.ones(len(sizes)), 1 / np.array(sizes, dtype=float)], 1)
-        (a, c), *_ = np.linalg.lstsq(X, np.array(mean), rcond=None)
-    else:
-        a, c = mean[0], math.nan
-    lrs = [2 / m if m > 0 else math.inf for m in mean]
-    return BatchSharpnessResult(sizes, values, mean, std, lrs, {"a": float(a), "c": float(c)}, matvecs)
+    values: list[list[float]] = []
+    matvecs = 0
+    try:
+        for b in sizes:
+            row = []
+            for r in range(repeats):
+                op = make_op(b, seed + r) if takes_seed else make_op(b)
+                res = eigenvalues(op, k=1, tol=tol, seed=seed + r, progress=progress)
+                if getattr(res, "interrupted", False):  # the solver stopped on Ctrl-C and returned
+                    raise KeyboardInterrupt
+                row.append(float(res.values[0]))
+                matvecs += res.matvecs
+            values.append(row)
+    except KeyboardInterrupt as error:
+        return interrupted(error, _batch_sharpness_result(sizes, values, matvecs), on_interrupt,
+                           "batch_size_sharpness")
+    return _batch_sharpness_result(sizes, values, matvecs)
