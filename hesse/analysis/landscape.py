@@ -189,49 +189,25 @@ class Landscape(_ResultMixin):
         return cls(arr(d["alphas"]), arr(d["betas"]), arr(d["loss"]), arr(d["accuracy"]), d["kind"],
                    d["base_loss"], d["base_accuracy"], d.get("info", {}), d.get("interrupted", False))
 
-    def plot(self, kind: str | None = None, log: bool = False) -> Figure:
+    def plot(self, kind: str | None = None, log: bool = False) -> "Figure":
         """A matplotlib ``Figure`` (no pyplot, so safe headless; ``fig.savefig(path)``).
 
         ``kind``: ``"line"`` (1-D; accuracy on a second axis), ``"contour"`` or ``"surface"``
         (2-D); default line for 1-D, contour for 2-D. ``log`` plots ``log10`` of the loss.
         """
-        from matplotlib.figure import Figure
+        from hesse.plotting import draw_landscape, new_figure, require_matplotlib
 
+        require_matplotlib("Landscape.plot")
         kind = kind or ("line" if self.dims == 1 else "contour")
         if kind not in ("line", "contour", "surface"):
             raise HesseError(f"unknown plot kind {kind!r}; choose 'line', 'contour' or 'surface'.")
         if (kind == "line") != (self.dims == 1):
             raise HesseError(f"a {self.dims}-D landscape cannot be drawn as {kind!r}; use "
                              f"{'line' if self.dims == 1 else 'contour or surface'}.")
-        z = np.log10(np.maximum(self.loss, 1e-300)) if log else self.loss
-        zlabel = "log10 loss" if log else "loss"
-        xlabel = "t (0 = model A, 1 = model B)" if self.kind == "interpolation" else "alpha"
-        fig = Figure(figsize=(6, 4.5))
-        if kind == "line":
-            ax = fig.add_subplot()
-            ax.plot(self.alphas, z, color="C0", marker=".", label="loss")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(zlabel, color="C0")
-            if self.accuracy is not None:
-                ax2 = ax.twinx()
-                ax2.plot(self.alphas, self.accuracy, color="C1", marker=".", label="accuracy")
-                ax2.set_ylabel("accuracy", color="C1")
-        elif kind == "contour":
-            ax = fig.add_subplot()
-            A, B = np.meshgrid(self.alphas, self.betas, indexing="ij")
-            cs = ax.contour(A, B, z, levels=20, cmap="viridis")
-            ax.clabel(cs, fontsize=7)
-            ax.plot([0], [0], "k+", markersize=10)
-            ax.set_xlabel("alpha")
-            ax.set_ylabel("beta")
-        else:
-            ax = fig.add_subplot(projection="3d")
-            A, B = np.meshgrid(self.alphas, self.betas, indexing="ij")
-            ax.plot_surface(A, B, z, cmap="viridis", linewidth=0, antialiased=True)
-            ax.set_xlabel("alpha")
-            ax.set_ylabel("beta")
-            ax.set_zlabel(zlabel)
-        ax.set_title(f"loss landscape ({self.kind})")
+        fig = new_figure((6, 4.5))
+        labels = ("t (0 = model A, 1 = model B)", "") if self.kind == "interpolation" else ("alpha", "beta")
+        draw_landscape(fig, self.alphas, self.betas, self.loss, self.accuracy, kind=kind, log=log,
+                       title=f"loss landscape ({self.kind})", labels=labels)
         fig.tight_layout()
         return fig
 

@@ -57,24 +57,18 @@ class DensityResult(_ResultMixin):
     def plot(self, ax=None, log: bool | None = None, marks: Sequence[float] = ()):
         """Plot the density (log y-axis if ``log``, default ``log_scale``), with dashed lines at
         ``marks`` (e.g. ``bulk_outlier_split(result).outliers``); returns ``(fig, ax)``."""
-        import matplotlib.pyplot as plt
+        from hesse.plotting import draw_density, new_figure, require_matplotlib
 
+        require_matplotlib("DensityResult.plot")
         if ax is None:
-            fig, ax = plt.subplots(figsize=(6, 3.5))
+            fig = new_figure((6, 3.5))
+            ax = fig.add_subplot()
         else:
             fig = ax.figure
-        log = self.log_scale if log is None else log
-        ax.plot(self.grid, self.density, lw=1.2)
-        if log:
-            ax.set_yscale("log")
-            floor = max(float(self.density.max()) * 1e-12, 1e-300)
-            ax.set_ylim(bottom=max(floor, float(self.density[self.density > 0].min())))
-        for value in marks:
-            ax.axvline(value, color="C3", lw=0.6, ls="--")
-        ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density")
         probes, steps = self.ritz_values.shape
-        ax.set_title(f"spectral density (SLQ, {probes} probes x {steps} steps)")
+        draw_density(ax, self.grid, self.density, outliers=marks, log=self.log_scale if log is None else log,
+                     title=f"spectral density (SLQ, {probes} probes x {steps} steps)")
+        fig.tight_layout()
         return fig, ax
 
     def __repr__(self) -> str:

@@ -414,7 +414,7 @@ class Objective:
         norm = count if self.reduction == "mean" else 1
         loss, correct, seen, not_classification = total[:4].tolist()
         accuracy = correct / seen if not_classification == 0 and seen > 0 else None
-        grad = (total[4:] / norm).to(self.dtype) if gradient else None
+        grad = (total[4:] / norm).to(self.dtype).detach() if gradient else None
         return Evaluation(loss / norm, accuracy, grad, count)
 
     def accuracy(self, at: Point = None) -> float | None:
