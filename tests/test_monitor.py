@@ -97,6 +97,7 @@ def test_monitor_leaves_mode_grads_and_weights_alone():
         SharpnessMonitor(model, crit, (X, y), every=0)
 
 
+@pytest.mark.slow
 def test_edge_of_stability_example_runs(tmp_path):
     root = Path(__file__).resolve().parents[1]
     subprocess.run(
