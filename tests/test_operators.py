@@ -361,3 +361,50 @@ def test_tuple_output_needs_a_forward_hook(mlp_problem):
         hesse.Hessian(TwoOutputs(), crit, batches).loss()
     hook = lambda m, b: (m(b[0])[0], b[1])
     assert abs(hesse.Hessian(TwoOutputs(), crit, batches, forward=hook).loss() - float(crit(model(X), y).detach())) < 1e-12
+
+
+def _transformer_problem():
+    torch.manual_seed(0)
+    model = TinyTransformer().double().eval()
+    ids = torch.randint(0, 20, (6, 5))
+    mask = torch.ones(6, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    batch = ({"input_ids": ids, "attention_mask": mask}, torch.randint(0, 3, (6,)))
+    return model, batch
+
+
+def test_batched_second_backward_equals_the_per_vector_loop_on_attention():
+    model, batch = _transformer_problem()
+    batched = hesse.Hessian(model, nn.CrossEntropyLoss(), batch, method="double-backward")
+    loop = hesse.Hessian(model, nn.CrossEntropyLoss(), batch, method="double-backward", vectorize=False)
+    forward = hesse.Hessian(model, nn.CrossEntropyLoss(), batch, method="forward-over-reverse")
+    V = torch.randn(batched.shape[0], 5, dtype=torch.float64)
+    reference = loop @ V
+    assert torch.allclose(batched @ V, reference, atol=1e-10)
+    assert torch.allclose(forward @ V, reference, atol=1e-10)
+
+
+def test_auto_method_is_chosen_by_measurement_per_number_of_vectors(mlp_problem):
+    model, criterion, X, y, batches = mlp_problem
+    H = hesse.Hessian(model, criterion, batches)
+    reference = dense_hessian(model, criterion, X, y)
+    for K in (1, 4):
+        V = torch.randn(H.shape[0], K, dtype=torch.float64)
+        assert torch.allclose(H @ V, reference @ V, atol=1e-10)
+        assert set(H.calibration[K]) == {"double-backward", "forward-over-reverse"}
+        assert H.method_for(K) == min(H.calibration[K], key=H.calibration[K].get)
+    passes = H.passes
+    H @ torch.randn(H.shape[0], 4, dtype=torch.float64)  # measured once: no new calibration
+    assert H.passes == passes + 1 and len(H.calibration) == 2
+
+
+def test_auto_falls_back_to_double_backward_without_forward_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    H = hesse.Hessian(model, nn.MSELoss(), (X, y))
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64)
+    theta, call = flat_functional(model)
+    dense = torch.func.hessian(lambda t: ((call(t, X) - y) ** 2).mean())(theta)
+    assert torch.allclose(H @ V, dense @ V, atol=1e-10)
+    assert H.method_for(2) in ("double-backward", "forward-over-reverse")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import warnings
 from typing import Any
 
 import torch
@@ -20,16 +22,16 @@ class Hessian(CurvatureOperator):
     criterion and their sum for ``"sum"`` (see :class:`CurvatureOperator`).
 
     ``method``:
+      * ``"double-backward"``: ``H v = ∇(∇L · v)`` by reverse-over-reverse autograd: one
+        forward and graph-building backward per batch, then one more backward for all K
+        vectors at once (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap``
+        over the backward; a loop when ``vectorize=False`` or where ``vmap`` cannot batch);
       * ``"forward-over-reverse"``: ``H v = ∂/∂ε ∇L(θ + ε v)`` with ``torch.func.jvp`` of
         ``torch.func.grad``, ``vmap``-ed over the K vectors (Pearlmutter 1994);
-      * ``"double-backward"``: ``H v = ∇(∇L · v)`` by reverse-over-reverse autograd: one
-        forward and graph-building backward per batch, then one more backward per vector;
-        the graph is freed after the batch.
-      * ``"auto"`` (default): double-backward, measured as fast or faster on CPU in
-        ``bench/bench_operators.py``, and it needs no forward-mode derivatives (which
-        ``mse_loss`` lacks in torch 2.13).
-    ``vectorize=False`` makes forward-over-reverse loop over the K vectors instead of
-    ``vmap`` (for models with operations that ``vmap`` cannot batch).
+      * ``"auto"`` (default): chosen by measurement. The first product with K vectors runs
+        both methods on the first batch, keeps the faster one for that K (``.calibration``
+        holds the seconds), and checks that the two agree (a disagreement beyond round-off
+        warns and keeps double-backward, which needs no forward-mode derivatives).
     """
 
     def __init__(self, model, criterion=None, data=None, *, method: str = "auto", vectorize: bool = True,
@@ -37,14 +39,27 @@ class Hessian(CurvatureOperator):
         super().__init__(model, criterion, data, **kwargs)
         if method != "auto" and method not in METHODS:
             raise HesseError(f"unknown Hessian method {method!r}; choose 'auto' or one of {METHODS}.")
-        self.method = "double-backward" if method == "auto" else method
+        self.method = method
         self.vectorize = vectorize
+        self.calibration: dict[int, dict[str, float]] = {}
+        self._chosen: dict[int, str] = {}
 
     def _extra_kwargs(self) -> dict:
         return {"method": self.method, "vectorize": self.vectorize}
 
+    def method_for(self, K: int) -> str | None:
+        """The product method used for K vectors (``None`` until ``"auto"`` has measured it)."""
+        return self.method if self.method != "auto" else self._chosen.get(K)
+
     def _batch_products(self, params, batch: Batch, V, batch_index: int):
-        if self.method == "double-backward":
+        K = next(iter(V.values())).shape[0]
+        method = self.method_for(K)
+        if method is None:
+            return self._calibrate(params, batch, V, K)
+        return self._products(method, params, batch, V)
+
+    def _products(self, method: str, params, batch: Batch, V):
+        if method == "double-backward":
             return self._double_backward(params, batch, V)
         try:
             return self._forward_over_reverse(params, batch, V)
@@ -53,8 +68,26 @@ class Hessian(CurvatureOperator):
                 raise
             raise HesseError(
                 f"forward-over-reverse differentiation failed in this model or loss "
-                f"({str(error)[:100]}); use method='double-backward' (the default)."
+                f"({str(error)[:100]}); use method='double-backward'."
             ) from error
+
+    def _calibrate(self, params, batch: Batch, V, K: int):
+        """Time both methods on this batch, keep the faster for K vectors, return the products."""
+        first, seconds = _timed(lambda: self._double_backward(params, batch, V))
+        times = {"double-backward": seconds}
+        try:
+            second, times["forward-over-reverse"] = _timed(lambda: self._forward_over_reverse(params, batch, V))
+        except (NotImplementedError, RuntimeError):  # no forward-mode derivative somewhere
+            second = None
+        if second is not None and times["forward-over-reverse"] < times["double-backward"]:
+            times["double-backward"] = _timed(lambda: self._double_backward(params, batch, V))[1]  # warm
+        if second is not None and not _agree(first, second):
+            warnings.warn("forward-over-reverse and double-backward Hessian products disagree on this model; "
+                          "using double-backward.", RuntimeWarning, stacklevel=2)
+            times.pop("forward-over-reverse")
+        self.calibration[K] = times
+        self._chosen[K] = min(times, key=times.get)
+        return first
 
     def _forward_over_reverse(self, params, batch: Batch, V):
         gradient = torch.func.grad(self.objective.batch_loss)
@@ -65,23 +98,44 @@ class Hessian(CurvatureOperator):
         return vmap_or_loop(hvp, V, self.vectorize)
 
     def _double_backward(self, params, batch: Batch, V):
-        """One forward and one graph-building backward, then a second backward per vector."""
+        """One forward and one graph-building backward, then one batched second backward."""
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         inputs = list(leaves.values())
         loss = self.objective.batch_loss(leaves, batch)
         grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True, materialize_grads=True)
         varying = [i for i, g in enumerate(grads) if g.requires_grad]
-        K = next(iter(V.values())).shape[0]
         names = list(leaves)
-        products = {n: torch.zeros_like(V[n]) for n in names}
         if not varying:  # the loss is linear in every parameter
-            return products
+            return {n: torch.zeros_like(V[n]) for n in names}
+        outputs, directions = [grads[i] for i in varying], [V[names[i]] for i in varying]
+        K = directions[0].shape[0]
+        if K > 1 and self.vectorize and self._batched_backward:
+            try:
+                columns = torch.autograd.grad(outputs, inputs, grad_outputs=directions, is_grads_batched=True,
+                                              allow_unused=True, materialize_grads=True)
+                return {n: c.expand_as(V[n]) for n, c in zip(names, columns)}
+            except RuntimeError:  # an operation vmap cannot batch: loop from now on
+                self._batched_backward = False
+        products = {n: torch.empty_like(V[n]) for n in names}
         for k in range(K):
-            columns = torch.autograd.grad(
-                [grads[i] for i in varying], inputs,
-                grad_outputs=[V[names[i]][k] for i in varying],
-                retain_graph=k < K - 1, allow_unused=True, materialize_grads=True,
-            )
+            columns = torch.autograd.grad(outputs, inputs, grad_outputs=[d[k] for d in directions],
+                                          retain_graph=k < K - 1, allow_unused=True, materialize_grads=True)
             for n, column in zip(names, columns):
                 products[n][k] = column
         return products
+
+    _batched_backward = True
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _agree(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Products equal up to round-off of their dtype."""
+    x = torch.cat([t.reshape(-1) for t in a.values()])
+    y = torch.cat([b[n].reshape(-1) for n in a])
+    tol = 1e-8 if x.dtype == torch.float64 else 1e-3
+    return bool((x - y).norm() <= tol * max(float(x.norm()), float(y.norm()), 1e-30))
