@@ -154,3 +154,9 @@ def test_nan_loss_and_gradient_are_refused():
         model.weight[0, 0] = float("nan")
     with pytest.raises(hesse.HesseError, match=r"gradient is NaN or inf: the parameters \['weight'\]"):
         hesse.Objective(model, nn.CrossEntropyLoss(), (X, y)).gradient()
+
+
+def test_a_criterion_class_instead_of_an_instance_is_refused():
+    with pytest.raises(hesse.HesseError, match=r"criterion is the class CrossEntropyLoss, not a loss: create one, "
+                                               r"e.g. CrossEntropyLoss\(\)"):
+        hesse.Objective(nn.Linear(2, 2), nn.CrossEntropyLoss, (torch.randn(3, 2), torch.tensor([0, 1, 0])))

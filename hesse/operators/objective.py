@@ -162,6 +162,9 @@ class Objective:
     ):
         if not isinstance(model, nn.Module):
             raise HesseError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if isinstance(criterion, type):
+            raise HesseError(f"criterion is the class {criterion.__name__}, not a loss: create one, e.g. "
+                             f"{criterion.__name__}().")
         if not callable(criterion):
             raise HesseError("criterion must be a loss callable criterion(output, target), e.g. nn.CrossEntropyLoss().")
         self.model, self.criterion = model, criterion
