@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tests.conftest import TanhMLP, uneven_batches
+from tests.helpers import TanhMLP, uneven_batches
 
 
 class SquaredError(nn.Module):

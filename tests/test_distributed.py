@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import hesse
-from tests.conftest import TanhMLP, uneven_batches
+from tests.helpers import TanhMLP, uneven_batches
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from hesse.analysis.landscape import (
     random_direction,
 )
 from hesse.errors import HesseError, NotConvergedWarning
-from tests.conftest import SmallCNN, TanhMLP, uneven_batches
+from tests.helpers import SmallCNN, TanhMLP, uneven_batches
 from tests.landscape_helpers import assert_identical, quad_loss, quadratic_problem, snapshot, sum_problem
 
 

@@ -7,7 +7,7 @@ import torch
 from hesse.errors import NotConvergedWarning
 from hesse.linalg import EigenResult, eigenvalues
 from hesse.operators import DenseOperator, LinearOperator
-from tests.conftest import sym_matrix
+from tests.helpers import sym_matrix
 
 P = 400
 

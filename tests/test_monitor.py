@@ -16,7 +16,7 @@ from torch import nn
 import hesse
 from hesse.analysis.monitor import SharpnessMonitor
 from hesse.errors import HesseError
-from tests.conftest import TanhMLP, dense_hessian
+from tests.helpers import TanhMLP, dense_hessian
 
 
 def _problem(seed: int = 0):

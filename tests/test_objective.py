@@ -8,7 +8,7 @@ from torch import nn
 
 import hesse
 from hesse.operators import Objective
-from tests.conftest import TanhMLP, uneven_batches
+from tests.helpers import TanhMLP, uneven_batches
 
 
 def _reference(model, criterion, X, y):

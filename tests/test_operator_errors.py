@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import hesse
-from tests.conftest import SmallCNN, TanhMLP, uneven_batches
+from tests.helpers import SmallCNN, TanhMLP, uneven_batches
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hesse
 from hesse.operators import BlockDiagonalOperator, DenseOperator
-from tests.conftest import (
+from tests.helpers import (
     SmallCNN,
     TanhMLP,
     TinyTransformer,

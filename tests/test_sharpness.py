@@ -18,7 +18,7 @@ from hesse.analysis.sharpness import (
     worst_case_sharpness,
 )
 from hesse.errors import HesseError, NotConvergedWarning
-from tests.conftest import dense_hessian
+from tests.helpers import dense_hessian
 from tests.landscape_helpers import assert_identical, quad_loss, quadratic_problem, snapshot, sum_problem
 
 MEASURES = {

@@ -15,7 +15,7 @@ from hesse.analysis import (
 from hesse.errors import HesseError, NotConvergedWarning
 from hesse.linalg import density, eigenvalues, trace
 from hesse.operators import BlockDiagonalOperator, DenseOperator
-from tests.conftest import sym_matrix
+from tests.helpers import sym_matrix
 
 P = 400
 
