@@ -234,6 +234,6 @@ def test_model_that_does_not_fit_the_data(tmp_path):
     (tmp_path / "wrong.py").write_text("from torch import nn\n\ndef make_net():\n    return nn.Linear(5, 10)\n")
     result = run("--model", f"{tmp_path / 'wrong.py'}:make_net", "--data", "digits", "--out", str(tmp_path / "r"),
                  *FAST)
-    assert_usage_error(result, "running the model on the data failed: RuntimeError")
+    assert_usage_error(result, "running the model and the loss on the first batch failed: RuntimeError")
     assert len([line for line in result.output.splitlines() if line.startswith("error")]) == 1
     assert not (tmp_path / "r").exists()

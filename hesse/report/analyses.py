@@ -36,7 +36,7 @@ class AnalysisSettings:
     probes: int = 3
     layer_probes: int = 16
     lr: float | None = None
-    train_batch_size: int = 1  # the training batch size B of the SGD stability check
+    train_batch_size: int | None = None  # the training batch size B of the SGD check; None: full-batch GD
     seed: int = 0
     layer_blocks: Any = "module"
 
@@ -46,9 +46,9 @@ class AnalysisSettings:
             raise HesseError(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}.")
         if "stability" in self.analyses and self.lr is None:
             raise HesseError("the stability analysis needs the training learning rate; pass --lr 0.1 (say).")
-        if isinstance(self.train_batch_size, bool) or not isinstance(self.train_batch_size, int) \
-                or self.train_batch_size < 1:
-            raise HesseError(f"train_batch_size must be a positive integer, got {self.train_batch_size!r}.")
+        B = self.train_batch_size
+        if B is not None and (isinstance(B, bool) or not isinstance(B, int) or B < 1):
+            raise HesseError(f"train_batch_size must be a positive integer or None (full batch), got {B!r}.")
 
 
 @dataclass
