@@ -1,16 +1,22 @@
 """The ``hesse`` command: ``hesse analyze`` computes a curvature report for a model.
 
-Every failure the user can fix (missing file, unknown factory, checkpoint that does not
-fit, existing output folder, bad settings) ends with a one-line ``error: ...`` on stderr
-and exit status 2, and no report folder is written. Ctrl-C exits with 130: during the
-analyses, the ones that finished are written as an incomplete report (``"complete":
-false``); before them, or if none finished, nothing is written. A one-line message says which.
+Every failure the user can fix (missing file, unknown factory, checkpoint or data that is
+not one, output folder that exists or cannot be written, bad option values) ends with a
+one-line ``error: ...`` on stderr and exit status 2, and no report folder is written. The
+checks run before the work: the output folder first, then the files, then the model and
+the criterion on the first batch, so a bad input fails in seconds. A bug in hesse itself is
+one line with status 1 (``HESSE_DEBUG=1`` shows the traceback). Ctrl-C exits with 130:
+during the analyses, the ones that finished are written as an incomplete report
+(``"complete": false``); before them, or if none finished, nothing is written. A one-line
+message says which.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import os
 import pickle
 import reprlib
 import shlex
@@ -48,7 +54,9 @@ from hesse.report import (
 )
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
+DEBUG_VARIABLE = "HESSE_DEBUG"  # set it to 1 to see the traceback of an internal error
 CURVATURES = ("hessian", "ggn", "fisher")
 LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
 # how a torch.save file starts: a zip archive (torch >= 1.6), or the legacy format's pickle protocol byte
@@ -59,6 +67,16 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 128, "max_samples": None, "analyses": ",".join(SPECTRAL_ANALYSES),
     **{name: getattr(AnalysisSettings, name) for name in BUDGET_OPTIONS},
 }
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A float range that also refuses ``nan`` and ``inf`` (which ``click.FloatRange`` lets through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 class CliError(HesseError):
@@ -437,9 +455,9 @@ def main() -> None:
 @click.option("--probes", type=click.IntRange(min=1), help="Random probes for the spectral density [3].")
 @click.option("--layer-probes", type=click.IntRange(min=2),
               help="Random probes for the per-layer traces [16].")
-@click.option("--tol", type=click.FloatRange(min=0, min_open=True),
+@click.option("--tol", type=FiniteFloatRange(min=0, min_open=True),
               help="Relative tolerance of the eigenvalues [1e-3].")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True),
               help="Training learning rate, for stability [examples: their training lr].")
 @click.option("--train-batch-size", type=click.IntRange(min=1),
               help="Batch size the model was trained with, for the SGD stability check [digits, mnist1d "
@@ -472,6 +490,11 @@ def analyze(landscape: bool, sharpness: bool, no_progress: bool, **options: Any)
         _fail(str(error))
     except KeyboardInterrupt:
         _exit_interrupted("; no report was written.")
+    except Exception as error:  # a bug in hesse: one line, the traceback on request
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
+        _fail(f"internal error in hesse, no report was written: {describe(error)}; please report it, with the "
+              f"traceback that {DEBUG_VARIABLE}=1 shows.", EXIT_INTERNAL)
 
 
 def _analyze(request: Request) -> None:

@@ -432,3 +432,21 @@ def test_interrupt_while_click_parses_is_one_line(monkeypatch):
     result = CliRunner().invoke(main, ["analyze"])
     assert result.exit_code == 130
     assert result.stderr.strip().splitlines() == ["hesse: interrupted; nothing was written."]
+
+
+def test_internal_error_is_one_line_with_status_1_and_the_traceback_on_request(factories, tmp_path, monkeypatch):
+    monkeypatch.setattr(hesse.cli, "build_report", _raise_value_error)
+    args = ["--model", f"{factories}:make_net", "--data", "digits", "--analyses", "trace", "--json-only",
+            "--out", str(tmp_path / "r"), *FAST]
+    result = run(*args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: internal error in hesse, no report was written: ValueError: a bug; please report it, with the "
+        "traceback that HESSE_DEBUG=1 shows."]
+    monkeypatch.setenv("HESSE_DEBUG", "1")
+    assert isinstance(run(*args).exception, ValueError)
+    assert not (tmp_path / "r").exists()
+
+
+def _raise_value_error(*args, **kwargs):
+    raise ValueError("a bug")
