@@ -39,7 +39,7 @@ def test_full_batch_is_the_default_and_gives_the_gd_verdict_only(trained_mlp):
     assert result.full_batch and result.batch_size is None and result.num_samples == 64
     assert result.gd_ratio == pytest.approx(3.0, rel=1e-4)
     assert result.sgd_verdict is None and result.trace is None and result.sgd_ratio is None
-    assert result.gd_verdict.startswith("locally unstable")
+    assert result.gd_verdict.startswith("unstable: lambda_max above the threshold")
     for text in (result.gd_verdict, repr(result)):
         assert "quadratic model at this point" in text and "edge of stability (Cohen et al. 2021)" in text
         assert "diverges only well beyond it" in text and "would make training diverge" not in text

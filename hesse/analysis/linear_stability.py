@@ -141,14 +141,14 @@ class StabilityResult(_ResultMixin):
 
 
 def _gd_verdict(ratio: float) -> str:
-    """Stable, at the edge (within 10%) or locally unstable, from ``lambda_max / threshold``."""
+    """Stable, at the edge (within 10%) or (locally) unstable, from ``lambda_max / threshold``."""
     if ratio > 1:
-        return f"locally unstable: lambda_max above the threshold; {MEANING}"
+        return f"unstable: lambda_max above the threshold; {MEANING}"
     if ratio >= EDGE_BAND:
         return ("edge of stability: lambda_max within 10% of the threshold, where gradient descent on the "
                 "quadratic model is barely stable along the top eigenvector and training typically hovers "
                 "(Cohen et al. 2021)")
-    return "stable: lambda_max below the threshold, gradient descent is locally stable on the quadratic model here"
+    return "stable"
 
 
 def _sgd_verdict(estimate: float, stderr: float, threshold: float, batch_size: int) -> str:
