@@ -7,11 +7,26 @@ one line instead of a traceback. ``python -m hesse`` runs the same command.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 CLI_REQUIREMENTS = ("click",)
+
+
+def _exit_now(status: int) -> None:
+    """Flush the output and end the process with ``status`` at once.
+
+    Not ``sys.exit``: when Ctrl-C lands in code that an extension runs through
+    ``PyRun_String`` while torch is being imported (pybind11's ``exec``), CPython marks the
+    interrupt as unhandled even though it was caught here, and at exit kills itself with
+    SIGINT instead of returning ``status``. Nothing has been written yet, so there is nothing
+    for the interpreter's shutdown to finish.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def entry() -> None:
@@ -20,7 +35,7 @@ def entry() -> None:
         cli = importlib.import_module("hesse.cli")
     except KeyboardInterrupt:
         print("hesse: interrupted while starting; nothing was written.", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        _exit_now(EXIT_INTERRUPTED)
     except ModuleNotFoundError as error:
         if error.name not in CLI_REQUIREMENTS:
             raise

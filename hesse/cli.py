@@ -1,22 +1,29 @@
 """The ``hesse`` command: ``hesse analyze`` computes a curvature report for a model.
 
-Every failure the user can fix (missing file, unknown factory, checkpoint that does not
-fit, existing output folder, bad settings) ends with a one-line ``error: ...`` on stderr
-and exit status 2, and no report folder is written. Ctrl-C exits with 130: during the
-analyses, the ones that finished are written as an incomplete report (``"complete":
-false``); before them, or if none finished, nothing is written. A one-line message says which.
+Every failure the user can fix (missing file, unknown factory, checkpoint or data that is
+not one, output folder that exists or cannot be written, bad option values) ends with a
+one-line ``error: ...`` on stderr and exit status 2, and no report folder is written. The
+checks run before the work: the output folder first, then the files, then the model and
+the criterion on the first batch, so a bad input fails in seconds. A bug in hesse itself is
+one line with status 1 (``HESSE_DEBUG=1`` shows the traceback). Ctrl-C exits with 130:
+during the analyses, the ones that finished are written as an incomplete report
+(``"complete": false``); before them, or if none finished, nothing is written. A one-line
+message says which.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import os
 import pickle
+import reprlib
 import shlex
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,7 @@ from hesse.errors import HesseError
 from hesse.examples import EXAMPLES, Dataset, Problem, classifier_example, load_dataset, minilm_example
 from hesse.examples.datasets import DATASETS
 from hesse.operators.curvature import CurvatureOperator
-from hesse.operators.data import default_forward, default_num_samples
+from hesse.operators.data import default_forward, default_num_samples, is_single_batch, to_device
 from hesse.report import (
     ANALYSES,
     INDEX_HTML,
@@ -47,9 +54,14 @@ from hesse.report import (
 )
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
+DEBUG_VARIABLE = "HESSE_DEBUG"  # set it to 1 to see the traceback of an internal error
 CURVATURES = ("hessian", "ggn", "fisher")
 LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
+# how a torch.save file starts: a zip archive (torch >= 1.6), or the legacy format's pickle protocol byte
+CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+DATA_EXPECTED = "a DataLoader, a list of (inputs, targets) batches, or one (inputs, targets) batch"
 BUDGET_OPTIONS = ("top_k", "budget", "lanczos_steps", "probes", "layer_probes", "tol", "lr")
 DEFAULTS: dict[str, Any] = {
     "batch_size": 128, "max_samples": None, "analyses": ",".join(SPECTRAL_ANALYSES),
@@ -57,13 +69,23 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+class FiniteFloatRange(click.FloatRange):
+    """A float range that also refuses ``nan`` and ``inf`` (which ``click.FloatRange`` lets through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 class CliError(HesseError):
     """A problem with the command line or the user's files, reported in one line."""
 
 
 def _fail(message: str, status: int = EXIT_USAGE) -> None:
-    """Print ``error: message`` on stderr and exit with ``status``."""
-    click.echo(f"error: {message}", err=True)
+    """Print ``error: message`` on stderr, as one line, and exit with ``status``."""
+    click.echo(f"error: {' '.join(message.split())}", err=True)
     sys.exit(status)
 
 
@@ -121,10 +143,21 @@ def call_factory(factory: Callable, what: str) -> Any:
         raise CliError(f"--{what}: {factory.__name__}() raised {describe(error)}") from error
 
 
-def load_checkpoint(model: nn.Module, path: Path) -> None:
-    """Load a state_dict (or a dict holding one under "state_dict"/"model") with weights_only=True."""
+def check_checkpoint_format(path: Path) -> None:
+    """Refuse a file that does not start like a ``torch.save`` file (a text file, say)."""
     if not path.is_file():
         raise CliError(f"--checkpoint: file {path} does not exist.")
+    with open(path, "rb") as file:
+        head = file.read(12)
+    if not head.startswith(CHECKPOINT_MAGIC):
+        start = f"it starts with {head!r}" if head else "it is empty"
+        raise CliError(f"--checkpoint {path} is not a PyTorch checkpoint (torch.save output): {start}; "
+                       "save one with torch.save(model.state_dict(), path).")
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a state_dict (or a dict holding one under "state_dict"/"model") with weights_only=True."""
+    check_checkpoint_format(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -199,12 +232,40 @@ def build_problem(example: str | None, model_spec: str | None, checkpoint: Path 
         data_description = data.description
     elif ":" in data_spec:
         data = call_factory(load_factory(data_spec, "data"), "data")
+        check_data_source(data, data_spec)
         data_description = f"data from {data_spec}"
     else:
         raise CliError(f"--data: unknown dataset {data_spec!r}; choose {', '.join(DATASETS)} "
                        "or pass path/to/file.py:make_loader.")
     return Problem(model=model.eval(), criterion=None, data=data,
                    info={"model": description, "data": data_description})
+
+
+def check_data_source(data: Any, spec: str) -> None:
+    """Refuse what a ``--data`` factory returned unless it is one batch or a re-iterable of batches."""
+    if is_single_batch(data):
+        return
+    returned = f"--data: {spec} returned {type(data).__name__} {reprlib.repr(data)}"
+    if isinstance(data, Iterator):
+        raise CliError(f"--data: {spec} returned a {type(data).__name__}, a one-shot iterator, but the "
+                       f"curvature needs several passes over the data; return {DATA_EXPECTED} instead.")
+    if not isinstance(data, Iterable) or isinstance(data, (str, bytes, Mapping)):
+        raise CliError(f"{returned}; expected {DATA_EXPECTED}.")
+    first = next(iter(data), None)
+    if first is None:
+        raise CliError(f"--data: {spec} returned an empty {type(data).__name__}; expected {DATA_EXPECTED}.")
+    if not is_single_batch(first):
+        raise CliError(f"{returned}, whose first item ({type(first).__name__} {reprlib.repr(first)}) is not a "
+                       f"batch of tensors; expected {DATA_EXPECTED}.")
+
+
+def check_criterion(criterion: Any) -> None:
+    """Refuse a criterion that is a class (``nn.MSELoss``) or not callable, before it meets a tensor."""
+    if isinstance(criterion, type):
+        raise CliError(f"the criterion is the class {criterion.__name__}, not a loss object; "
+                       f"instantiate it: {criterion.__name__}().")
+    if not callable(criterion):
+        raise CliError(f"the criterion is a {type(criterion).__name__}, not a loss callable(output, target).")
 
 
 def _take(batch: Any, n: int) -> Any:
@@ -258,18 +319,18 @@ def resolve(explicit: dict[str, Any], problem: Problem) -> dict[str, Any]:
             for key, default in DEFAULTS.items()}
 
 
-def training_batch_size(explicit: int | None, problem: Problem) -> tuple[int, str]:
+def training_batch_size(explicit: int | None, problem: Problem) -> tuple[int | None, str]:
     """The batch size B of the SGD stability check and where it came from.
 
     ``--train-batch-size`` if given ("command line"), else the batch size the example was
-    trained with ("example training"), else 1 ("assumed": Wu & Su's single-sample case).
+    trained with ("example training"), else ``None`` ("assumed": full-batch gradient descent).
     """
     if explicit is not None:
         return int(explicit), "command line"
     trained = (problem.info.get("training") or {}).get("batch_size")
     if trained:
         return int(trained), "example training"
-    return 1, "assumed"
+    return None, "assumed"
 
 
 def parse_analyses(text: str, lr: float | None, explicit: bool) -> tuple[str, ...]:
@@ -322,7 +383,7 @@ class Plan:
 
     options: dict[str, Any]
     analyses: tuple[str, ...]
-    train_batch_size: int
+    train_batch_size: int | None  # None: full batch
     train_batch_size_source: str
 
 
@@ -331,7 +392,27 @@ def stderr_is_terminal() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
-@click.group()
+class OneLineErrors(click.Group):
+    """A command group whose usage errors are one ``error: ...`` line with exit status 2, and whose
+    Ctrl-C, wherever click receives it, exits with 130 and one line (never click's ``Aborted!``)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Run the command; in standalone mode turn click's exceptions into one line and an exit status."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            status = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            _fail(error.format_message())
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            _exit_interrupted("; nothing was written.")
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+@click.group(cls=OneLineErrors)
 @click.version_option(hesse.__version__, prog_name="hesse")
 def main() -> None:
     """hesse: curvature (Hessian, GGN, Fisher) analysis of neural-network losses."""
@@ -374,13 +455,13 @@ def main() -> None:
 @click.option("--probes", type=click.IntRange(min=1), help="Random probes for the spectral density [3].")
 @click.option("--layer-probes", type=click.IntRange(min=2),
               help="Random probes for the per-layer traces [16].")
-@click.option("--tol", type=click.FloatRange(min=0, min_open=True),
+@click.option("--tol", type=FiniteFloatRange(min=0, min_open=True),
               help="Relative tolerance of the eigenvalues [1e-3].")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True),
               help="Training learning rate, for stability [examples: their training lr].")
 @click.option("--train-batch-size", type=click.IntRange(min=1),
-              help="Batch size the model was trained with, for the SGD stability check "
-                   "[digits, mnist1d examples: their training batch size, 32; else 1, noted in the report].")
+              help="Batch size the model was trained with, for the SGD stability check [digits, mnist1d "
+                   "examples: their training batch size, 32; else full-batch GD, noted in the report].")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of every random choice (training, probes).")
 @click.option("--device", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
@@ -409,6 +490,11 @@ def analyze(landscape: bool, sharpness: bool, no_progress: bool, **options: Any)
         _fail(str(error))
     except KeyboardInterrupt:
         _exit_interrupted("; no report was written.")
+    except Exception as error:  # a bug in hesse: one line, the traceback on request
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
+        _fail(f"internal error in hesse, no report was written: {describe(error)}; please report it, with the "
+              f"traceback that {DEBUG_VARIABLE}=1 shows.", EXIT_INTERNAL)
 
 
 def _analyze(request: Request) -> None:
@@ -419,6 +505,7 @@ def _analyze(request: Request) -> None:
                             request.data_spec, request.seed, request.quiet)
     plan = _plan(request, problem)
     op = _operator(request, problem, plan)
+    check_first_batch(op, request.quiet)
     loss_value, gradient_norm = _loss_and_gradient(op, request.quiet)
     setup_seconds = {"setup": time.perf_counter() - started}
     run = _run(op, request, plan, problem)
@@ -456,7 +543,8 @@ def _plan(request: Request, problem: Problem) -> Plan:
     analyses += tuple(name for name in request.extras if name not in analyses)
     batch_size, source = training_batch_size(request.train_batch_size, problem)
     if "stability" in analyses and source == "assumed":
-        _stage("note: no --train-batch-size given; the SGD stability check assumes batch size 1", request.quiet)
+        _stage("note: no --train-batch-size given; full-batch GD assumed (pass --train-batch-size B for SGD)",
+               request.quiet)
     return Plan(options, analyses, batch_size, source)
 
 
@@ -464,6 +552,7 @@ def _operator(request: Request, problem: Problem, plan: Plan) -> CurvatureOperat
     """Apply --loss, --params and --device to the problem and build the curvature operator."""
     if problem.criterion is None or request.loss != "cross_entropy":
         problem.criterion = LOSSES[request.loss]()
+    check_criterion(problem.criterion)
     if request.loss == "mse":
         problem.forward = one_hot_targets(problem.forward or default_forward)
     if request.param_globs:  # per-layer blocks become the modules of the chosen parameters
@@ -473,8 +562,27 @@ def _operator(request: Request, problem: Problem, plan: Plan) -> CurvatureOperat
     if isinstance(data, Dataset):
         data = data.loader(plan.options["batch_size"], plan.options["max_samples"])
     elif plan.options["max_samples"] is not None:
-        data = first_samples(data, plan.options["max_samples"])
+        cut = _take if is_single_batch(data) else first_samples
+        data = cut(data, plan.options["max_samples"])
     return make_operator(problem, data, request.curvature, request.fisher_kind, request.seed)
+
+
+def check_first_batch(op: CurvatureOperator, quiet: bool) -> None:
+    """Run the model and the criterion on the first batch only, through the operator's objective,
+    so that bad data, a bad model or a bad criterion fails in seconds, before any full pass."""
+    _stage("checking the model and the loss on the first batch", quiet)
+    objective = op.objective
+    try:
+        batch = to_device(next(iter(objective.data)), objective.device)
+        with torch.no_grad():
+            loss = objective.criterion_loss(*objective.call_model(objective.values(), batch))
+    except HesseError:
+        raise
+    except Exception as error:
+        raise CliError(f"running the model and the loss on the first batch failed: {describe(error)}") from error
+    if not bool(torch.isfinite(loss)):
+        raise CliError(f"the loss on the first batch is {float(loss)}: check the data (and the weights) for "
+                       "NaN or inf values.")
 
 
 def _loss_and_gradient(op: CurvatureOperator, quiet: bool) -> tuple[float, float]:

@@ -108,7 +108,7 @@ def test_summary_and_page_name_the_training_batch_size(digits_report):
     assert "batch size B = 32" in (digits_report / "index.html").read_text()
 
 
-@pytest.mark.parametrize("given", [None, 64])
+@pytest.mark.parametrize("given", [None, 16, 1000])
 def test_train_batch_size_for_user_models(tmp_path, given):
     extra = [] if given is None else ["--train-batch-size", str(given)]
     result = CliRunner().invoke(main, ["analyze", "--model", "examples/models.py:make_net", "--data", "digits",
@@ -117,18 +117,22 @@ def test_train_batch_size_for_user_models(tmp_path, given):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     st, settings = report["results"]["stability"], report["settings"]
-    B = 1 if given is None else given
-    assert st["batch_size"] == settings["train_batch_size"] == B
-    assert st["sgd_quantity"] == pytest.approx(st["trace"] / B + (1 - 1 / B) * st["top_eigenvalue"])
-    assert st["sgd_ratio"] == pytest.approx(st["sgd_quantity"] * 0.05 / 2)
-    if given is None:  # the report says that batch size 1 was assumed
+    assert st["batch_size"] == settings["train_batch_size"] == given
+    text = report["interpretation"]["stability"]
+    assert "would make training diverge" not in text and "not a prediction of divergence" in text
+    if given == 16:  # mini-batch SGD: both verdicts
+        assert settings["train_batch_size_source"] == "command line" and not st["full_batch"]
+        assert st["sgd_quantity"] == pytest.approx(st["trace"] / 16 + (1 - 1 / 16) * st["top_eigenvalue"])
+        assert st["sgd_ratio"] == pytest.approx(st["sgd_quantity"] * 0.05 / 2)
+        assert "assumed" not in text and "B=16)" in result.output
+        return
+    # full batch (unset, or a batch at least the 64 analysed samples): the GD verdict only
+    assert st["full_batch"] and st["num_samples"] == 64
+    assert st["sgd_verdict"] is None and st["trace"] is None and "SGD" not in result.output
+    assert "SGD condition violated" not in text
+    if given is None:  # the report says that full-batch GD was assumed
         assert settings["train_batch_size_source"] == "assumed"
-        assert "batch size 1 was assumed" in report["interpretation"]["stability"]
-        assert "B=1 assumed" in result.output
-    else:
-        assert settings["train_batch_size_source"] == "command line"
-        assert "assumed" not in report["interpretation"]["stability"]
-        assert f"B={B})" in result.output
+        assert "Full-batch GD assumed" in text and "full-batch GD assumed" in result.output
 
 
 def test_existing_report_needs_overwrite(digits_report):

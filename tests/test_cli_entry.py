@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -26,6 +30,7 @@ def _raise(error: BaseException):
 
 def test_interrupt_while_loading_the_command_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(entry_module.importlib, "import_module", _raise(KeyboardInterrupt()))
+    monkeypatch.setattr(entry_module.os, "_exit", sys.exit)
     with pytest.raises(SystemExit) as caught:
         entry_module.entry()
     assert caught.value.code == 130
@@ -102,3 +107,42 @@ def test_no_progress_silences_bars_and_stage_messages(monkeypatch, tmp_path):
     seen, output = _run_capturing_progress(monkeypatch, tmp_path, "--no-progress")
     assert seen == [False]
     assert "hesse:" not in output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])
+def test_real_sigint_while_starting_is_one_line(tmp_path, delay):
+    """A real Ctrl-C (SIGINT) while torch is being imported or the example trains: one line, status 130."""
+    command = [sys.executable, "-m", "hesse", "analyze", "--example", "digits", "--out", str(tmp_path / "r"),
+               "--max-samples", "32", "--json-only", "--threads", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(Path(hesse.cli.__file__).parents[1])})
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("hesse: interrupted") and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_stage_lines_in_a_log_file(tmp_path):
+    """With stderr redirected (not a terminal): one plain line per stage, no bars, no carriage returns."""
+    command = [sys.executable, "-m", "hesse", "analyze", *FAST, "--lr", "0.1", "--analyses", "eigenvalues,stability",
+               "--out", str(tmp_path / "r")]
+    with open(tmp_path / "log.txt", "w") as log:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(Path(hesse.cli.__file__).parents[1])})
+    err = (tmp_path / "log.txt").read_text()
+    assert done.returncode == 0, err
+    assert "\r" not in err and "\x1b" not in err and err.endswith("\n")
+    lines = err.splitlines()
+    assert all(line.startswith("hesse: ") for line in lines), lines
+    assert lines == [
+        "hesse: note: no --train-batch-size given; full-batch GD assumed (pass --train-batch-size B for SGD)",
+        "hesse: checking the model and the loss on the first batch",
+        lines[2],  # the operator's repr, then ": loss and gradient"
+        "hesse: eigenvalues",
+        "hesse: stability",
+    ]
+    assert lines[2].endswith(": loss and gradient")

@@ -95,7 +95,8 @@ def test_interpretation_names_verdicts_and_outliers():
     }
     texts = interpret(report)
     assert set(texts) == {"overview", "eigenvalues", "density", "stability"}
-    assert "0.2222" in texts["eigenvalues"]  # the largest stable lr, 2 / 9
+    assert "0.2222" in texts["eigenvalues"] and "diverges only well beyond it" in texts["eigenvalues"]  # 2 / 9
+    assert "would make training diverge" not in texts["eigenvalues"]
     assert "2 outliers" in texts["density"] and "20%" in texts["density"]
     assert "edge of stability" in texts["stability"] and "violated" in texts["stability"]
     assert "batch size 1" in texts["stability"] and "assumed" not in texts["stability"]
@@ -129,9 +130,26 @@ def test_stability_texts_use_the_training_batch_size():
     assert rows["SGD stability (lr=0.2, B=32)"] == f"(tr/B + (1−1/B)λ₁)/(2/lr) = {0.934375:.5g}: satisfied"
     assert stability_plot(batched["results"]["stability"])  # draws the B=32 bars
 
-    assumed = _stability_report(1, "assumed")
-    text = interpret(assumed)["stability"]
-    assert "trace < 2/lr" in text and "violated" in text and "batch size 1 was assumed" in text
-    rows = dict(summary_rows(assumed))
-    assert rows["SGD stability (lr=0.2, B=1 assumed)"] == "trace/(2/lr) = 2: violated"
-    assert stability_plot(assumed["results"]["stability"])
+    explicit_one = _stability_report(1, "command line")
+    assert "trace < 2/lr" in interpret(explicit_one)["stability"]
+    assert dict(summary_rows(explicit_one))["SGD stability (lr=0.2, B=1)"] == "trace/(2/lr) = 2: violated"
+
+
+def test_full_batch_gives_the_gd_verdict_only_and_says_what_it_means():
+    from hesse.report import summary_rows
+    from hesse.report.plots import _stability_groups, stability_plot
+
+    report = _stability_report(1, "assumed")
+    report["settings"]["train_batch_size"] = None
+    report["results"]["stability"].update(
+        batch_size=None, full_batch=True, num_samples=10, gd_ratio=1.3, gd_verdict="locally unstable: ...",
+        **dict.fromkeys(("sgd_threshold", "trace", "trace_stderr", "sgd_quantity", "sgd_ratio", "sgd_verdict")))
+    text = interpret(report)["stability"]
+    assert "Full-batch GD assumed" in text and "SGD" not in text.replace("--train-batch-size B for the mini-batch SGD", "")
+    assert "not a prediction of divergence" in text and "edge of stability (Cohen et al. 2021)" in text
+    assert "diverges only well beyond it" in text and "would make training diverge" not in text
+    rows = dict(summary_rows(report))
+    assert rows["GD stability (lr=0.2, full-batch GD assumed)"] == "λ₁/threshold = 1.3: locally unstable"
+    assert not any(label.startswith("SGD") for label in rows)
+    assert [g[0] for g in _stability_groups(report["results"]["stability"])] == ["GD: λ_max vs (2+2β)/lr"]
+    assert stability_plot(report["results"]["stability"])

@@ -2,9 +2,12 @@
 
 * GD (linear stability, edge of stability; Cohen et al. 2021, "Gradient Descent on Neural
   Networks Typically Occurs at the Edge of Stability"): along the top eigenvector, (momentum)
-  gradient descent with step ``lr`` is stable iff ``lambda_max`` is below
-  :func:`stability_threshold` (``2 / lr`` without momentum, ``(2 + 2 beta) / lr`` with
-  heavy-ball momentum ``beta``).
+  gradient descent with step ``lr`` is stable on the quadratic model of the loss at this
+  point iff ``lambda_max`` is below :func:`stability_threshold` (``2 / lr`` without
+  momentum, ``(2 + 2 beta) / lr`` with heavy-ball momentum ``beta``). This is a statement
+  about the quadratic model, not a prediction of divergence: beyond the threshold,
+  training often oscillates and self-stabilises at the edge of stability, and diverges
+  only well beyond it (``stability(..., simulate=steps)`` checks empirically).
 * SGD (Wu & Su 2023, "The Implicit Regularization of Dynamical Stability in SGD"): a global
   minimum that is linearly stable for SGD with single-sample batches must have
   ``tr(H) <= 2 / lr`` (a necessary condition, derived for a mean-reduced loss at an
@@ -36,6 +39,7 @@ from hesse.results import _fmt, _ResultMixin
 __all__ = ["BatchSharpnessResult", "StabilityResult", "batch_size_sharpness", "stability", "stability_threshold"]
 
 EDGE_BAND = 0.9
+SGD_FIELDS = ("sgd_threshold", "trace", "trace_stderr", "sgd_quantity", "sgd_ratio", "sgd_verdict")
 
 
 def stability_threshold(lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
@@ -82,45 +86,68 @@ def stability_threshold(lr: float, momentum: float = 0.0, dampening: float = 0.0
     return math.inf if c == 0 else (2.0 + 2.0 * momentum) / (c * lr)
 
 
+MEANING = ("beyond the threshold (lr above 2/lambda_max for plain GD), gradient descent is locally unstable along "
+           "the top eigenvector of the quadratic model at this point; in practice training often oscillates and "
+           "self-stabilises at the edge of stability (Cohen et al. 2021), and diverges only well beyond it")
+
+
 @dataclass(repr=False)
 class StabilityResult(_ResultMixin):
-    """Top eigenvalue and trace against the stability thresholds of GD and SGD."""
+    """Top eigenvalue (and, for mini-batch SGD, the trace) against the stability thresholds.
+
+    ``full_batch``: the check is for full-batch gradient descent on the ``num_samples``
+    samples; the SGD condition then reduces to the GD one and the ``sgd_*``/``trace`` fields
+    are ``None``. ``simulated_*``: the optional empirical check (``simulate=steps``), the
+    full-data loss before and after each gradient-descent step from this point.
+    """
 
     lr: float
     momentum: float
-    batch_size: int
+    batch_size: int | None
     gd_threshold: float
     top_eigenvalue: float
     top_converged: bool
     gd_ratio: float
     gd_verdict: str
-    sgd_threshold: float
-    trace: float
-    trace_stderr: float
-    sgd_quantity: float
-    sgd_ratio: float
-    sgd_verdict: str
+    sgd_threshold: float | None
+    trace: float | None
+    trace_stderr: float | None
+    sgd_quantity: float | None
+    sgd_ratio: float | None
+    sgd_verdict: str | None
     matvecs: int
     dampening: float = 0.0
     nesterov: bool = False
+    full_batch: bool = False
+    num_samples: int | None = None
+    simulated_losses: list[float] | None = None
+    simulated_loss_ratio: float | None = None
+    simulated_diverged: bool | None = None
 
     def __repr__(self) -> str:
-        return (
-            f"StabilityResult(lr={_fmt(self.lr)}:\n"
-            f"  GD : lambda_max={_fmt(self.top_eigenvalue)} vs {_fmt(self.gd_threshold)} "
-            f"(ratio {self.gd_ratio:.3f}) -> {self.gd_verdict}\n"
-            f"  SGD (B={self.batch_size}): tr/B + (1-1/B) lambda_max={_fmt(self.sgd_quantity)} "
-            f"(trace={_fmt(self.trace)} +- {_fmt(self.trace_stderr)}) vs {_fmt(self.sgd_threshold)} "
-            f"(ratio {self.sgd_ratio:.3f}) -> {self.sgd_verdict}\n  matvecs={self.matvecs})"
-        )
+        lines = [f"StabilityResult(lr={_fmt(self.lr)}, "
+                 + (f"full batch, N={self.num_samples}" if self.full_batch else f"batch size B={self.batch_size}") + ":",
+                 f"  GD : lambda_max={_fmt(self.top_eigenvalue)} vs {_fmt(self.gd_threshold)} "
+                 f"(ratio {self.gd_ratio:.3f}) -> {self.gd_verdict}"]
+        if not self.full_batch:
+            lines.append(f"  SGD (B={self.batch_size}): tr/B + (1-1/B) lambda_max={_fmt(self.sgd_quantity)} "
+                         f"(trace={_fmt(self.trace)} +- {_fmt(self.trace_stderr)}) vs {_fmt(self.sgd_threshold)} "
+                         f"(ratio {self.sgd_ratio:.3f}) -> {self.sgd_verdict}")
+        if self.simulated_losses is not None:
+            lines.append(f"  simulated GD, {len(self.simulated_losses) - 1} steps: loss {_fmt(self.simulated_losses[0])}"
+                         f" -> {_fmt(self.simulated_losses[-1])} (ratio {_fmt(self.simulated_loss_ratio)}, "
+                         f"{'grew' if self.simulated_diverged else 'did not grow'})")
+        return "\n".join(lines) + f"\n  matvecs={self.matvecs})"
 
 
 def _gd_verdict(ratio: float) -> str:
-    """Stable, at the edge (within 10%) or unstable, from ``lambda_max / threshold``."""
+    """Stable, at the edge (within 10%) or (locally) unstable, from ``lambda_max / threshold``."""
     if ratio > 1:
-        return "unstable: sharpness above the stability threshold, GD oscillates along the top eigenvector"
+        return f"unstable: lambda_max above the threshold; {MEANING}"
     if ratio >= EDGE_BAND:
-        return "edge of stability: sharpness within 10% of the stability threshold"
+        return ("edge of stability: lambda_max within 10% of the threshold, where gradient descent on the "
+                "quadratic model is barely stable along the top eigenvector and training typically hovers "
+                "(Cohen et al. 2021)")
     return "stable"
 
 
@@ -128,12 +155,76 @@ def _sgd_verdict(estimate: float, stderr: float, threshold: float, batch_size: i
     """Satisfied, violated or uncertain (two standard errors) for the SGD condition."""
     quantity = "trace" if batch_size == 1 else "tr/B + (1-1/B) lambda_max"
     if estimate - 2 * stderr > threshold:
-        return (f"violated: {quantity} above 2/lr at batch size {batch_size}, not a linearly stable minimum "
-                "for SGD" + (" (larger batches relax this)" if batch_size == 1 else ""))
+        return (f"violated: {quantity} above 2/lr at batch size {batch_size}, so by the linearised (mean-square) "
+                "condition SGD is locally unstable at this point; this is not a prediction of divergence"
+                + (" (larger batches relax it)" if batch_size == 1 else ""))
     if estimate + 2 * stderr <= threshold:
         return (f"satisfied: {quantity} below 2/lr at batch size {batch_size} "
                 "(necessary, not sufficient, for SGD stability)")
     return f"uncertain: 2/lr lies within two standard errors of {quantity} at batch size {batch_size}"
+
+
+def _check_stability_arguments(op: Any, batch_size: int | None, simulate: int | None) -> Any:
+    """The operator's objective (``None`` for a plain operator), after checking the arguments need none or have one."""
+    objective = getattr(op, "objective", None)
+    if batch_size is not None:
+        check_positive("batch_size", batch_size, integer=True)
+    elif objective is None:
+        raise HesseError(
+            f"stability(op, lr) with batch_size=None checks full-batch gradient descent, which needs the data's "
+            f"size: pass a curvature operator with data (hesse.Hessian/GGN/Fisher), or, for a "
+            f"{type(op).__name__}, the training batch size as batch_size=B."
+        )
+    if simulate is not None:
+        check_positive("simulate", simulate, integer=True)
+        if objective is None:
+            raise HesseError(f"simulate= runs gradient descent on the loss, which a {type(op).__name__} does not "
+                             "have; pass a curvature operator with data (hesse.Hessian/GGN/Fisher).")
+    return objective
+
+
+def simulate_gd(objective: Any, lr: float, steps: int, momentum: float = 0.0, dampening: float = 0.0,
+                nesterov: bool = False) -> list[float]:
+    """The full-data losses at the start and after each of ``steps`` full-batch gradient-descent steps.
+
+    The steps follow ``torch.optim.SGD`` (``momentum``, ``dampening``, ``nesterov``; the first
+    step's buffer is the gradient) and run on a copy of the parameter vector through
+    ``objective.evaluate(at=theta, gradient=True)``: the model itself is never modified. The
+    run stops early once the loss is no longer finite.
+    """
+    theta = objective.parameters_vector().clone()
+    buffer = None
+    losses: list[float] = []
+    for _ in range(steps):
+        evaluation = objective.evaluate(at=theta, gradient=True)
+        losses.append(evaluation.loss)
+        if not (math.isfinite(evaluation.loss) and bool(evaluation.gradient.isfinite().all())):
+            return losses
+        step = evaluation.gradient
+        if momentum:
+            buffer = step.clone() if buffer is None else momentum * buffer + (1 - dampening) * step
+            step = step + momentum * buffer if nesterov else buffer
+        theta = theta - lr * step
+    losses.append(objective.evaluate(at=theta).loss)
+    return losses
+
+
+def _simulation_fields(losses: list[float] | None) -> dict[str, Any]:
+    """``simulated_losses``, ``simulated_loss_ratio`` (last over first) and ``simulated_diverged`` (the loss grew)."""
+    if losses is None:
+        return {}
+    ratio = losses[-1] / losses[0] if losses[0] > 0 else math.inf if losses[-1] > losses[0] else 1.0
+    grew = not math.isfinite(losses[-1]) or not math.isfinite(ratio) or losses[-1] > losses[0]
+    return dict(simulated_losses=losses, simulated_loss_ratio=ratio, simulated_diverged=grew)
+
+
+def _full_batch_size(objective: Any) -> int | None:
+    """The number of samples of the objective's data (one loss pass if no pass has counted them yet)."""
+    if objective is None:
+        return None
+    if objective.num_samples is None:
+        objective.loss()
+    return objective.num_samples
 
 
 # over 60 lines only through its docstring, which derives the SGD condition
@@ -141,10 +232,11 @@ def stability(
     op: Any,
     lr: float,
     *,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     momentum: float = 0.0,
     dampening: float = 0.0,
     nesterov: bool = False,
+    simulate: int | None = None,
     tol: float = 1e-4,
     trace_budget: int = 99,
     trace_method: str = "hutch++",
@@ -154,11 +246,26 @@ def stability(
 ) -> StabilityResult:
     """Compare ``lambda_max`` with :func:`stability_threshold` (GD), ``tr(H)/B + (1-1/B) lambda_max`` with ``2/lr`` (SGD).
 
-    ``batch_size`` is the batch size ``B`` the model was (or will be) trained with; it only
-    enters the SGD check. ``momentum``, ``dampening``, ``nesterov`` are those of
-    ``torch.optim.SGD``; they only enter the GD check. Ratios above 1 mean the threshold is
-    exceeded. The SGD verdict accounts for the trace estimate's standard error (two-sigma
-    rule, on ``stderr / B``; the error of ``lambda_max`` is ignored, it is far smaller).
+    What it means: the check is about the quadratic model of the loss at this point, not a
+    prediction of divergence. Beyond the threshold (``lr > 2/lambda_max`` for plain GD),
+    gradient descent is locally unstable along the top eigenvector of the quadratic model;
+    in practice training often oscillates and self-stabilises at the edge of stability
+    (Cohen et al. 2021: the sharpness falls back to the threshold), and diverges only well
+    beyond it. ``simulate=steps`` checks empirically: it runs ``steps`` full-batch
+    gradient-descent steps (with these momentum settings) from this point, through
+    ``op.objective`` and without modifying the model (:func:`simulate_gd`), and reports the
+    losses (``simulated_losses``), the last over the first (``simulated_loss_ratio``) and
+    whether the loss grew (``simulated_diverged``).
+
+    ``batch_size`` is the batch size ``B`` the model was (or will be) trained with; ``None``
+    (the default) means full batch: the data's size, for a curvature operator with data (a
+    plain operator then needs ``batch_size``). With full batch (or ``B`` at least the data's
+    size) the SGD condition reduces to the GD one, so only the GD verdict is given and no
+    trace is estimated. ``momentum``, ``dampening``, ``nesterov`` are those of
+    ``torch.optim.SGD``; they only enter the GD check (and the simulation). Ratios above 1
+    mean the threshold is exceeded. The SGD verdict accounts for the trace estimate's
+    standard error (two-sigma rule, on ``stderr / B``; the error of ``lambda_max`` is
+    ignored, it is far smaller).
 
     SGD condition. Near an interpolating minimum ``theta*`` (every per-sample gradient
     vanishes) an SGD step on the linearised dynamics is ``d <- (I - lr H_B) d`` with the
@@ -189,22 +296,34 @@ def stability(
     ``sgd_quantity = tr/B + (1 - 1/B) lambda_max``, ``sgd_ratio = sgd_quantity / sgd_threshold``.
     """
     gd_threshold = stability_threshold(lr, momentum, dampening, nesterov)
-    sgd_threshold = stability_threshold(lr, batch_size=batch_size)
-    batch_size = int(batch_size)
+    objective = _check_stability_arguments(op, batch_size, simulate)
     top = eigenvalues(op, k=1, which="largest", tol=tol, seed=seed, check_symmetric=check_symmetric,
                       progress=progress)
-    tr = trace(op, trace_method, budget=trace_budget, seed=seed, check_symmetric=False, progress=progress)
     lam = float(top.values[0])
-    sgd_quantity = tr.estimate / batch_size + (1 - 1 / batch_size) * lam
-    gd_ratio, sgd_ratio = lam / gd_threshold, sgd_quantity / sgd_threshold
+    num_samples = _full_batch_size(objective)
+    full_batch = batch_size is None or (num_samples is not None and batch_size >= num_samples)
+    sgd = {} if full_batch else _sgd_fields(op, lr, int(batch_size), lam, trace_method, trace_budget, seed, progress)
+    trace_matvecs = sgd.pop("matvecs", 0)
+    losses = None if simulate is None else simulate_gd(objective, lr, simulate, momentum, dampening, nesterov)
+    gd_ratio = lam / gd_threshold
     return StabilityResult(
-        lr=float(lr), momentum=float(momentum), batch_size=batch_size, gd_threshold=gd_threshold,
-        top_eigenvalue=lam, top_converged=bool(top.converged[0]), gd_ratio=gd_ratio,
-        gd_verdict=_gd_verdict(gd_ratio), sgd_threshold=sgd_threshold, trace=tr.estimate,
-        trace_stderr=tr.stderr, sgd_quantity=sgd_quantity, sgd_ratio=sgd_ratio,
-        sgd_verdict=_sgd_verdict(sgd_quantity, tr.stderr / batch_size, sgd_threshold, batch_size),
-        matvecs=top.matvecs + tr.matvecs, dampening=float(dampening), nesterov=bool(nesterov),
+        lr=float(lr), momentum=float(momentum), batch_size=None if batch_size is None else int(batch_size),
+        gd_threshold=gd_threshold, top_eigenvalue=lam, top_converged=bool(top.converged[0]), gd_ratio=gd_ratio,
+        gd_verdict=_gd_verdict(gd_ratio), **{**dict.fromkeys(SGD_FIELDS), **sgd},
+        matvecs=top.matvecs + trace_matvecs, dampening=float(dampening),
+        nesterov=bool(nesterov), full_batch=full_batch, num_samples=num_samples, **_simulation_fields(losses),
     )
+
+
+def _sgd_fields(op: Any, lr: float, batch_size: int, lam: float, method: str, budget: int, seed: int,
+                progress: bool | None) -> dict[str, Any]:
+    """The trace estimate and the mini-batch SGD condition at batch size ``batch_size`` (and the trace's products)."""
+    threshold = stability_threshold(lr, batch_size=batch_size)
+    tr = trace(op, method, budget=budget, seed=seed, check_symmetric=False, progress=progress)
+    quantity = tr.estimate / batch_size + (1 - 1 / batch_size) * lam
+    return dict(sgd_threshold=threshold, trace=tr.estimate, trace_stderr=tr.stderr, sgd_quantity=quantity,
+                sgd_ratio=quantity / threshold, sgd_verdict=_sgd_verdict(quantity, tr.stderr / batch_size, threshold,
+                                                                        batch_size), matvecs=tr.matvecs)
 
 
 @dataclass(repr=False)

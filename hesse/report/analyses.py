@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from hesse.analysis import bulk_outlier_split, per_layer, stability
 from hesse.analysis.landscape import loss_landscape
 from hesse.analysis.sharpness import average_sharpness, worst_case_sharpness
@@ -36,7 +38,7 @@ class AnalysisSettings:
     probes: int = 3
     layer_probes: int = 16
     lr: float | None = None
-    train_batch_size: int = 1  # the training batch size B of the SGD stability check
+    train_batch_size: int | None = None  # the training batch size B of the SGD check; None: full-batch GD
     seed: int = 0
     layer_blocks: Any = "module"
 
@@ -46,9 +48,9 @@ class AnalysisSettings:
             raise HesseError(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}.")
         if "stability" in self.analyses and self.lr is None:
             raise HesseError("the stability analysis needs the training learning rate; pass --lr 0.1 (say).")
-        if isinstance(self.train_batch_size, bool) or not isinstance(self.train_batch_size, int) \
-                or self.train_batch_size < 1:
-            raise HesseError(f"train_batch_size must be a positive integer, got {self.train_batch_size!r}.")
+        B = self.train_batch_size
+        if B is not None and (isinstance(B, bool) or not isinstance(B, int) or B < 1):
+            raise HesseError(f"train_batch_size must be a positive integer or None (full batch), got {B!r}.")
 
 
 @dataclass
@@ -144,8 +146,12 @@ def _run_one(run: AnalysisRun, name: str, call: Callable[[], Any]) -> None:
 
 def outlier_summary(run: AnalysisRun) -> dict | None:
     """Outliers above the bulk: from the density's Ritz values, else from the top-k eigenvalues."""
-    if "density" in run.results:
-        return bulk_outlier_split(run.results["density"]).to_dict()
+    dens = run.results.get("density")
+    rows = [] if dens is None else [np.asarray(row, dtype=float) for row in dens.ritz_values]
+    splits = [bulk_outlier_split(row[np.isfinite(row)]) for row in rows if np.isfinite(row).sum() >= 3]
+    if splits:  # the probe with the median count (the lower one of an even number of probes)
+        median = sorted(splits, key=lambda split: split.num_outliers)[(len(splits) - 1) // 2]
+        return {**median.to_dict(), "rule": "largest relative gap, the SLQ probe with the median count"}
     eig = run.results.get("eigenvalues")
     if eig is not None and len(eig.values) >= 3:
         return bulk_outlier_split(eig).to_dict()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import math
 import platform
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -111,16 +112,23 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         heaviest = max(layers["names"], key=lambda n: -math.inf if layers["trace"][n] is None else layers["trace"][n])
         rows.append(("largest per-layer trace", f"{heaviest} ({g(layers['trace'][heaviest])})"))
     if "stability" in results:
-        st = results["stability"]
-        rows.append((f"GD stability (lr={st['lr']:g})",
-                     f"λ₁/threshold = {g(st['gd_ratio'])}: {st['gd_verdict'].split(':')[0]}"))
-        B = st.get("batch_size", 1)
-        assumed = (report.get("settings") or {}).get("train_batch_size_source") == "assumed"
-        quantity = "trace" if B == 1 else "(tr/B + (1−1/B)λ₁)"
-        rows.append((f"SGD stability (lr={st['lr']:g}, B={B}{' assumed' if assumed else ''})",
-                     f"{quantity}/(2/lr) = {g(st['sgd_ratio'])}: {st['sgd_verdict'].split(':')[0]}"))
+        rows.extend(_stability_rows(report, g))
     if "sharpness" in results:
         rows.append(("sharpness (worst / average)",
                      f"{g(results['sharpness']['worst']['value'])} / {g(results['sharpness']['average']['value'])}"))
     rows.append(("products / seconds", f"{report['matvecs']['total']} / {report['timings_s']['total']:.1f}"))
     return rows
+
+
+def _stability_rows(report: dict, g: Callable[[float | None], str]) -> list[tuple[str, str]]:
+    """The GD verdict (full batch: "full-batch GD assumed" when no batch size was given) and the SGD one."""
+    st = report["results"]["stability"]
+    assumed = (report.get("settings") or {}).get("train_batch_size_source") == "assumed"
+    if st.get("full_batch"):
+        label = f"GD stability (lr={st['lr']:g}, {'full-batch GD assumed' if assumed else 'full batch'})"
+        return [(label, f"λ₁/threshold = {g(st['gd_ratio'])}: {st['gd_verdict'].split(':')[0]}")]
+    B = st.get("batch_size") or 1
+    quantity = "trace" if B == 1 else "(tr/B + (1−1/B)λ₁)"
+    return [(f"GD stability (lr={st['lr']:g})", f"λ₁/threshold = {g(st['gd_ratio'])}: {st['gd_verdict'].split(':')[0]}"),
+            (f"SGD stability (lr={st['lr']:g}, B={B})",
+             f"{quantity}/(2/lr) = {g(st['sgd_ratio'])}: {st['sgd_verdict'].split(':')[0]}")]

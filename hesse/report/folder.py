@@ -24,12 +24,15 @@ def is_hesse_report(folder: Path) -> bool:
 
 
 def check_output_folder(folder: Path, overwrite: bool) -> None:
-    """Refuse a target that exists, unless it is an empty folder or (with ``overwrite``) our report."""
+    """Refuse a target that exists, unless it is an empty folder or (with ``overwrite``) our report,
+    and a target whose folder (or parent folder) cannot be written."""
     if not folder.exists():
         if not folder.parent.is_dir():
             raise HesseError(f"cannot write the report to {folder}: the folder {folder.parent} does not exist.")
+        check_writable(folder.parent, folder)
         return
     if folder.is_dir() and not any(folder.iterdir()):
+        check_writable(folder, folder)
         return
     if not folder.is_dir() or not is_hesse_report(folder):
         raise HesseError(
@@ -38,6 +41,22 @@ def check_output_folder(folder: Path, overwrite: bool) -> None:
         )
     if not overwrite:
         raise HesseError(f"{folder} already holds a hesse report; pass --overwrite to replace it.")
+    check_writable(folder, folder)
+
+
+def check_writable(directory: Path, target: Path) -> None:
+    """Create and delete a probe file in ``directory`` (and its parent, where the report is staged
+    and swapped in); refuse with one line naming the folder and the fix when that fails."""
+    for place in dict.fromkeys((directory, target.parent)):
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".hesse-probe-", dir=place)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as error:
+            raise HesseError(
+                f"cannot write the report to {target}: the folder {place} is not writable "
+                f"({error.strerror or error}); choose another --out folder or make {place} writable."
+            ) from error
 
 
 def _umask() -> int:

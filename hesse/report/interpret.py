@@ -11,6 +11,10 @@ CURVATURE_NAMES = {
 }
 
 
+IN_PRACTICE = ("in practice training often oscillates and self-stabilises at the edge of stability (Cohen et al. "
+               "2021), and diverges only well beyond it.")
+
+
 def _g(x: float | None) -> str:
     """A number to 4 significant digits, ``n/a`` if missing or not finite."""
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4g}"
@@ -48,8 +52,8 @@ def eigenvalues(report: dict) -> str:
     text = (
         f"The largest eigenvalue (the sharpness) is λ₁ = {_g(top)}: moving the parameters a distance t "
         f"along its eigenvector raises the loss by about λ₁·t²/2, the steepest rise of any direction. "
-        f"Gradient descent with learning rate lr is stable along it only if λ₁ < 2/lr, so any lr above "
-        f"{_g(2 / top) if top > 0 else 'n/a'} would make training diverge or oscillate here. "
+        f"With a learning rate beyond 2/λ₁ = {_g(2 / top) if top > 0 else 'n/a'} (the threshold), gradient descent is locally "
+        f"unstable along the top eigenvector of the quadratic model at this point; {IN_PRACTICE} "
     )
     if len(values) > 1 and values[-1] > 0:
         text += (f"The top {len(values)} eigenvalues fall from {_g(top)} to {_g(values[-1])} "
@@ -142,35 +146,41 @@ def per_layer(report: dict) -> str:
 
 
 def stability(report: dict) -> str:
-    """The GD and SGD stability verdicts at the learning rate."""
+    """What the GD (and, for mini-batch training, the SGD) stability check says at the learning rate."""
     st = report["results"]["stability"]
-    B = st.get("batch_size", 1)
-    quantity = st.get("sgd_quantity", st["trace"])
     text = (
-        f"At learning rate {_g(st['lr'])}: gradient descent is stable along the top eigenvector only if "
-        f"λ₁ < (2+2·momentum)/lr = {_g(st['gd_threshold'])}; here λ₁ = {_g(st['top_eigenvalue'])} "
-        f"(ratio {_g(st['gd_ratio'])}) → {st['gd_verdict']}. Training at the edge of stability means "
-        f"the ratio sits near 1 (Cohen et al. 2021). "
+        f"At learning rate {_g(st['lr'])} the threshold is (2+2·momentum)/lr = {_g(st['gd_threshold'])}; "
+        f"here λ₁ = {_g(st['top_eigenvalue'])} (ratio {_g(st['gd_ratio'])}) → {st['gd_verdict'].split(':')[0]}. "
+        "This is a statement about the quadratic model of the loss at this point, not a prediction of "
+        "divergence: beyond the threshold, gradient descent is locally unstable along the top eigenvector of "
+        f"the quadratic model; {IN_PRACTICE} A ratio near 1 is the edge of stability. "
     )
+    if st.get("full_batch"):
+        assumed = (report.get("settings") or {}).get("train_batch_size_source") == "assumed"
+        return text + (
+            ("Full-batch GD assumed: no training batch size was given; pass --train-batch-size B for the "
+             "mini-batch SGD check, whose condition is stricter for small B." if assumed else
+             f"The batch size covers all {st.get('num_samples')} samples, so the SGD condition is the GD one.")
+        )
+    return text + _sgd_text(st)
+
+
+def _sgd_text(st: dict) -> str:
+    """The mini-batch SGD condition at the training batch size B."""
+    B = st.get("batch_size") or 1
     if B == 1:
-        text += (
+        return (
             f"For SGD with batch size 1, a minimum can only be stable if trace < 2/lr = "
             f"{_g(st['sgd_threshold'])} (Wu & Su 2023); here trace = {_g(st['trace'])} ± "
             f"{_g(st['trace_stderr'])} (ratio {_g(st['sgd_ratio'])}) → {st['sgd_verdict']}."
         )
-    else:
-        text += (
-            f"For SGD with batch size B = {B}, a minimum can only be stable if tr/B + (1−1/B)·λ₁ < 2/lr = "
-            f"{_g(st['sgd_threshold'])}: Wu & Su's (2023) trace condition at B = 1, the GD condition "
-            f"λ₁ < 2/lr for large B, and in between an approximation that assumes equal per-sample "
-            f"gradient norms. Here trace = {_g(st['trace'])} ± {_g(st['trace_stderr'])}, so "
-            f"tr/B + (1−1/B)·λ₁ = {_g(quantity)} (ratio {_g(st['sgd_ratio'])}) → {st['sgd_verdict']}."
-        )
-    if (report.get("settings") or {}).get("train_batch_size_source") == "assumed":
-        text += (" The training batch size was not given, so batch size 1 was assumed, the strictest case; "
-                 "pass --train-batch-size with the batch size the model was trained with, as larger "
-                 "batches relax the SGD condition.")
-    return text
+    return (
+        f"For SGD with batch size B = {B}, a minimum can only be stable if tr/B + (1−1/B)·λ₁ < 2/lr = "
+        f"{_g(st['sgd_threshold'])}: Wu & Su's (2023) trace condition at B = 1, the GD condition "
+        f"λ₁ < 2/lr for large B, and in between an approximation that assumes equal per-sample "
+        f"gradient norms. Here trace = {_g(st['trace'])} ± {_g(st['trace_stderr'])}, so "
+        f"tr/B + (1−1/B)·λ₁ = {_g(st.get('sgd_quantity'))} (ratio {_g(st['sgd_ratio'])}) → {st['sgd_verdict']}."
+    )
 
 
 def landscape(report: dict) -> str:

@@ -83,22 +83,22 @@ def per_layer_plot(names: list[str], values: list[float], errors: list[float] | 
 
 
 def _stability_groups(stability: dict) -> list[tuple[str, float | None, float | None, float | None]]:
-    """(label, measured, threshold, standard error) for the GD and the SGD check."""
-    B = stability.get("batch_size", 1)
+    """(label, measured, threshold, standard error) for the GD check, and the SGD check unless full batch."""
+    gd = ("GD: λ_max vs (2+2β)/lr", stability["top_eigenvalue"], stability["gd_threshold"], None)
+    if stability.get("full_batch"):
+        return [gd]
+    B = stability.get("batch_size") or 1
     sgd_stderr = stability["trace_stderr"]
     if B == 1:
         sgd = ("SGD (B=1): trace vs 2/lr", stability.get("sgd_quantity", stability["trace"]), sgd_stderr)
     else:
         sgd = (f"SGD (B={B}): tr/B + (1−1/B)λ₁ vs 2/lr", stability.get("sgd_quantity"),
                None if sgd_stderr is None else sgd_stderr / B)
-    return [
-        ("GD: λ_max vs (2+2β)/lr", stability["top_eigenvalue"], stability["gd_threshold"], None),
-        (sgd[0], sgd[1], stability["sgd_threshold"], sgd[2]),
-    ]
+    return [gd, (sgd[0], sgd[1], stability["sgd_threshold"], sgd[2])]
 
 
 def stability_plot(stability: dict) -> str:
-    """Two bar pairs: λ_max vs (2+2 momentum)/lr (GD) and tr/B + (1−1/B)λ₁ vs 2/lr (SGD at batch size B)."""
+    """Bar pairs: λ_max vs (2+2 momentum)/lr (GD) and, unless full batch, tr/B + (1−1/B)λ₁ vs 2/lr (SGD at B)."""
     groups = _stability_groups(stability)
     fig = new_figure(FIGSIZE, DPI)
     ax = fig.add_subplot()
