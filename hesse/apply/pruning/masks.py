@@ -114,20 +114,20 @@ def select_masks(scores: Mapping[str, torch.Tensor], spec: Sparsity, factor: flo
         return {n: nm_mask(s, *spec.nm) for n, s in scores.items()}
     if spec.scope == "global":
         flat = torch.cat([t.reshape(-1) for t in scores.values()])
-        keep = torch.split(_keep_highest(flat, round(spec.fraction * factor * flat.numel())),
+        keep = torch.split(keep_highest(flat, round(spec.fraction * factor * flat.numel())),
                            [t.numel() for t in scores.values()])
         return {n: k.view(t.shape) for (n, t), k in zip(scores.items(), keep)}
     fractions = layer_fractions(spec, list(scores))
-    return {n: _keep_highest(t.reshape(-1), round(fractions[n] * factor * t.numel())).view(t.shape)
+    return {n: keep_highest(t.reshape(-1), round(fractions[n] * factor * t.numel())).view(t.shape)
             for n, t in scores.items()}
 
 
-def _keep_highest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of ``flat``'s shape removing exactly its ``k`` lowest entries."""
-    keep = torch.ones(flat.shape, dtype=torch.bool, device=flat.device)
+def keep_highest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of ``scores``' shape removing exactly its ``k`` lowest entries."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:
-        keep[torch.topk(flat, k, largest=False, sorted=False).indices] = False
-    return keep
+        keep[torch.topk(scores.reshape(-1), k, largest=False, sorted=False).indices] = False
+    return keep.view(scores.shape)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
