@@ -47,6 +47,7 @@ from hesse.apply.pruning.masks import (
     Sparsity,
     apply_masks,
     layer_fractions,
+    nm_compatible,
     parse_sparsity,
     prunable_targets,
     schedule,
@@ -72,12 +73,12 @@ def prune_magnitude(model: nn.Module | Objective, *, sparsity: float | Mapping[s
     ``model`` is an ``nn.Module`` or an :class:`~hesse.Objective`; ``params`` names the tensors
     to prune (default: every ``nn.Linear``/``nn.Conv2d`` weight)."""
     module = model.model if isinstance(model, Objective) else model
-    names = prunable_targets(module, params)
     spec = parse_sparsity(sparsity, nm, scope)
+    names, notes = nm_compatible(module, prunable_targets(module, params), spec, params is not None)
     start = time.perf_counter()
     weights = {n: p.detach() for n, p in module.named_parameters() if n in set(names)}
     masks = select_masks({n: w.abs() for n, w in weights.items()}, spec)
-    result = PruneResult("magnitude", spec.label(), masks, seconds=time.perf_counter() - start)
+    result = PruneResult("magnitude", spec.label(), masks, None, notes, time.perf_counter() - start)
     if apply:
         apply_masks(module, result)
     return result
@@ -97,7 +98,7 @@ def prune_obd(model: nn.Module | Objective, criterion: Callable | None = None, d
     """
     if curvature not in CURVATURES:
         raise HesseError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}.")
-    objective, names, spec = _prepare(model, criterion, data, sparsity, nm, scope, params, settings)
+    objective, names, spec, notes = _prepare(model, criterion, data, sparsity, nm, scope, params, settings)
 
     def one_round(values: Values) -> tuple[Values, None]:
         op = CURVATURES[curvature](_objective_at(objective, values, names))
@@ -105,7 +106,7 @@ def prune_obd(model: nn.Module | Objective, criterion: Callable | None = None, d
         return {n: 0.5 * diag[n] * values[n] ** 2 for n in names}, None
 
     record = {"curvature": curvature, "method": method, "budget": budget, "seed": seed, "rounds": rounds}
-    return _score_prune("obd", objective, names, spec, rounds, one_round, apply, record)
+    return _score_prune("obd", objective, names, spec, rounds, one_round, apply, record, notes)
 
 
 def prune_woodfisher(model: nn.Module | Objective, criterion: Callable | None = None, data: Any = None, *,
@@ -126,7 +127,7 @@ def prune_woodfisher(model: nn.Module | Objective, criterion: Callable | None = 
         raise HesseError(f"block_size must be a positive integer or None (whole Fisher), got {block_size!r}.")
     if not isinstance(fisher_samples, int) or fisher_samples < 1:
         raise HesseError(f"fisher_samples must be a positive integer, got {fisher_samples!r}.")
-    objective, names, spec = _prepare(model, criterion, data, sparsity, nm, scope, params, settings)
+    objective, names, spec, notes = _prepare(model, criterion, data, sparsity, nm, scope, params, settings)
     restricted = objective.restrict(names)
 
     def one_round(values: Values) -> tuple[Values, Callable[[Values, Values], Values]]:
@@ -149,7 +150,7 @@ def prune_woodfisher(model: nn.Module | Objective, criterion: Callable | None = 
         return scores, surgeon
 
     record = {"block_size": block_size, "fisher_samples": fisher_samples, "damp": damp, "rounds": rounds}
-    return _score_prune("woodfisher", objective, names, spec, rounds, one_round, apply, record)
+    return _score_prune("woodfisher", objective, names, spec, rounds, one_round, apply, record, notes)
 
 
 def prune_layerwise_obs(model: nn.Module | Objective, criterion: Callable | None = None, data: Any = None, *,
@@ -168,13 +169,13 @@ def prune_layerwise_obs(model: nn.Module | Objective, criterion: Callable | None
     """
     if not isinstance(block_size, int) or block_size < 1:
         raise HesseError(f"block_size must be a positive integer, got {block_size!r}.")
-    objective, names, spec = _prepare(model, criterion, data, sparsity, nm, "layer", params, settings)
+    objective, names, spec, notes = _prepare(model, criterion, data, sparsity, nm, "layer", params, settings)
     modules = {n: layer_module(objective.model, n) for n in names}
     fractions = layer_fractions(spec, names) if spec.nm is None else dict.fromkeys(names)
     batches = list(calibration if calibration is not None else objective.data)
     start = time.perf_counter()
     values = {n: p.detach() for n, p in objective.model.named_parameters()}
-    masks, notes = {}, []
+    masks: Values = {}
     with progress_bar(total=len(names), desc="layer-wise OBS", enabled=progress, unit="layer") as bar:
         for group in ([[n] for n in names] if sequential else [names]):
             hessians = collect_hessians(objective, {n: modules[n] for n in group}, values, batches)
@@ -195,19 +196,21 @@ def prune_layerwise_obs(model: nn.Module | Objective, criterion: Callable | None
 
 # ---- shared steps ------------------------------------------------------------------------------
 def _prepare(model: nn.Module | Objective, criterion: Callable | None, data: Any, sparsity: Any, nm: Any,
-             scope: str, params: Any, settings: dict[str, Any]) -> tuple[Objective, list[str], Sparsity]:
-    """The objective, the names of the tensors to prune (among its parameters) and the target."""
+             scope: str, params: Any, settings: dict[str, Any]) -> tuple[Objective, list[str], Sparsity, list[str]]:
+    """The objective, the names of the tensors to prune (among its parameters), the target and
+    notes on tensors left dense."""
     objective = as_objective(model, criterion, data, **settings)
-    names = prunable_targets(objective.model, params)
+    spec = parse_sparsity(sparsity, nm, scope)
+    names, notes = nm_compatible(objective.model, prunable_targets(objective.model, params), spec, params is not None)
     outside = [n for n in names if n not in objective.param_names]
     if outside:
         raise HesseError(f"{outside[:3]} are to be pruned but are not parameters of the objective; "
                          "select them in the objective's params= too.")
-    return objective, names, parse_sparsity(sparsity, nm, scope)
+    return objective, names, spec, notes
 
 
 def _score_prune(method: str, objective: Objective, names: list[str], spec: Sparsity, rounds: int,
-                 one_round: RoundFn, apply: bool, record: dict[str, Any]) -> PruneResult:
+                 one_round: RoundFn, apply: bool, record: dict[str, Any], notes: list[str]) -> PruneResult:
     """Run ``rounds`` rounds of a score-based method: score at the current pruned weights, keep
     earlier removals (score ``-inf``), select masks for this round's target, update the weights."""
     if spec.nm is not None and rounds != 1:
@@ -223,7 +226,7 @@ def _score_prune(method: str, objective: Objective, names: list[str], spec: Spar
         masks = select_masks(scores, spec, factor)
         values = surgeon(values, masks) if surgeon else {n: values[n] * masks[n] for n in names}
     updates = {n: values[n] - original[n] for n in names} if surgeon else None
-    result = PruneResult(method, spec.label(), masks, updates, [], time.perf_counter() - start, record)
+    result = PruneResult(method, spec.label(), masks, updates, notes, time.perf_counter() - start, record)
     if apply:
         apply_masks(objective.model, result)
     return result

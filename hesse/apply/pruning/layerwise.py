@@ -22,6 +22,7 @@ factorisation is retried in float64, then with ten times more damping, and a
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 
@@ -33,7 +34,7 @@ from hesse.apply.pruning.masks import keep_highest
 from hesse.operators import Objective
 from hesse.operators.data import to_device
 
-MAX_DAMPING_RETRIES = 6
+MAX_RELATIVE_DAMPING = 1e3
 
 
 class DampingWarning(UserWarning):
@@ -94,10 +95,13 @@ def inverse_cholesky(H: torch.Tensor, damp: float, dtype: torch.dtype, name: str
     """``U`` (upper) with ``Uᵀ U = (H + λI)⁻¹``, ``λ = damp · mean diag(H)``, and a warning or ``None``.
 
     Tries ``dtype``, then float64, then ten times more damping each time (up to
-    :data:`MAX_DAMPING_RETRIES` times) instead of failing."""
+    ``damp =`` :data:`MAX_RELATIVE_DAMPING`) instead of failing."""
+    if damp <= 0:
+        raise HesseError(f"damp must be positive (relative to the mean diagonal of H), got {damp}.")
     scale = float(H.diagonal().mean())
     scale = scale if scale > 0 else 1.0
-    attempts = [(dtype, damp)] + [(torch.float64, damp * 10 ** k) for k in range(MAX_DAMPING_RETRIES + 1)]
+    retries = math.ceil(math.log10(max(MAX_RELATIVE_DAMPING / damp, 1.0)))
+    attempts = [(dtype, damp)] + [(torch.float64, damp * 10 ** k) for k in range(retries + 1)]
     for attempt, (precision, relative) in enumerate(attempts):
         damped = H.to(precision) + relative * scale * torch.eye(H.shape[0], dtype=precision, device=H.device)
         L, info = torch.linalg.cholesky_ex(damped)

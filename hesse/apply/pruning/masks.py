@@ -93,6 +93,20 @@ def prunable_targets(model: nn.Module, params: Any = None) -> list[str]:
     return [n for n in dict(model.named_parameters()) if n in set(names)]
 
 
+def nm_compatible(model: nn.Module, names: list[str], spec: Sparsity, explicit: bool) -> tuple[list[str], list[str]]:
+    """The tensors N:M can prune and a note for each left dense: with default targets, a weight
+    whose inputs per output are not a multiple of ``M`` (e.g. a 3x3 convolution on one channel)
+    is skipped; named explicitly, it is refused by :func:`nm_mask`."""
+    if spec.nm is None or explicit:
+        return names, []
+    m = spec.nm[1]
+    fits = [n for n in names if (model.get_parameter(n).numel() // model.get_parameter(n).shape[0]) % m == 0]
+    notes = [f"{n} left dense: its inputs per output are not a multiple of {m}" for n in names if n not in fits]
+    if not fits:
+        raise HesseError(f"no weight has a multiple of {m} inputs per output; N:M pruning has nothing to prune.")
+    return fits, notes
+
+
 def layer_fractions(spec: Sparsity, names: list[str]) -> dict[str, float]:
     """The fraction of each tensor to prune under a per-layer target."""
     if spec.per_layer is None:
@@ -132,8 +146,8 @@ def keep_highest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """N:M mask: in each group of ``m`` consecutive entries of ``scores.reshape(out, -1)``
-    along the input dimension, keep the ``n`` highest."""
-    rows = scores.reshape(scores.shape[0], -1)
+    along the input dimension (of ``scores`` itself if 1-D), keep the ``n`` highest."""
+    rows = scores.reshape(scores.shape[0], -1) if scores.ndim > 1 else scores.reshape(1, -1)
     if rows.shape[1] % m:
         raise HesseError(f"a weight of shape {list(scores.shape)} has {rows.shape[1]} inputs per output, "
                          f"not a multiple of {m}; N:M needs input sizes divisible by M (leave it out with params=).")
