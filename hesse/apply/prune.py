@@ -71,10 +71,12 @@ def prune_magnitude(model: nn.Module | Objective, *, sparsity: float | Mapping[s
     """Magnitude pruning: remove the weights with the smallest ``|w_q|`` (no data needed).
 
     ``model`` is an ``nn.Module`` or an :class:`~hesse.Objective`; ``params`` names the tensors
-    to prune (default: every ``nn.Linear``/``nn.Conv2d`` weight)."""
+    to prune (default: every ``nn.Linear``/``nn.Conv2d`` weight, of the objective's parameters
+    if an objective is given; the same default for every method)."""
     module = model.model if isinstance(model, Objective) else model
+    among = model.param_names if isinstance(model, Objective) else None
     spec = parse_sparsity(sparsity, nm, scope)
-    names, notes = nm_compatible(module, prunable_targets(module, params), spec, params is not None)
+    names, notes = nm_compatible(module, prunable_targets(module, params, among), spec, params is not None)
     start = time.perf_counter()
     weights = {n: p.detach() for n, p in module.named_parameters() if n in set(names)}
     masks = select_masks({n: w.abs() for n, w in weights.items()}, spec)
@@ -201,7 +203,8 @@ def _prepare(model: nn.Module | Objective, criterion: Callable | None, data: Any
     notes on tensors left dense."""
     objective = as_objective(model, criterion, data, **settings)
     spec = parse_sparsity(sparsity, nm, scope)
-    names, notes = nm_compatible(objective.model, prunable_targets(objective.model, params), spec, params is not None)
+    targets = prunable_targets(objective.model, params, objective.param_names)
+    names, notes = nm_compatible(objective.model, targets, spec, params is not None)
     outside = [n for n in names if n not in objective.param_names]
     if outside:
         raise HesseError(f"{outside[:3]} are to be pruned but are not parameters of the objective; "

@@ -81,16 +81,18 @@ def _check_fraction(value: Any, what: str) -> None:
         raise HesseError(f"{what} must be a fraction in [0, 1) of weights to remove, got {value!r}.")
 
 
-def prunable_targets(model: nn.Module, params: Any = None) -> list[str]:
+def prunable_targets(model: nn.Module, params: Any = None, among: list[str] | None = None) -> list[str]:
     """The weight tensors to prune: ``params`` (names/globs/modules), default every
-    ``nn.Linear`` and ``nn.Conv2d`` weight with ``requires_grad``, in model order."""
+    ``nn.Linear`` and ``nn.Conv2d`` weight with ``requires_grad`` (and in ``among``, the
+    objective's parameters, when given), in model order."""
     if params is not None:
         return list(select_parameters(model, params))
-    names = [f"{path}.weight" if path else "weight" for path, module in model.named_modules()
-             if isinstance(module, PRUNABLE) and module.weight.requires_grad]
+    names = {f"{path}.weight" if path else "weight" for path, module in model.named_modules()
+             if isinstance(module, PRUNABLE) and module.weight.requires_grad}
+    names &= set(among) if among is not None else names
     if not names:
         raise HesseError("the model has no nn.Linear or nn.Conv2d weights to prune; name them with params=[...].")
-    return [n for n in dict(model.named_parameters()) if n in set(names)]
+    return [n for n in dict(model.named_parameters()) if n in names]
 
 
 def nm_compatible(model: nn.Module, names: list[str], spec: Sparsity, explicit: bool) -> tuple[list[str], list[str]]:
