@@ -130,10 +130,10 @@ def prune(methods: str, sparsity: str, nm: str | None, **options: Any) -> None:
         _prune(request)
     except HesseError as error:
         click.echo(f"error: {error}", err=True)
-        sys.exit(EXIT_USAGE)
+        raise SystemExit(EXIT_USAGE) from None
     except KeyboardInterrupt:
         click.echo("hesse: interrupted; no report was written.", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 def _stage(message: str, quiet: bool) -> None:
