@@ -17,7 +17,7 @@ from hesse.apply.pruning.masks import nm_mask, schedule
 from hesse.errors import HesseError
 from hesse.operators import Objective
 
-from .conftest import SmallCNN, TanhMLP, uneven_batches
+from .conftest import TanhMLP, uneven_batches
 
 
 def _masked_least_squares(F: torch.Tensor, w: torch.Tensor, prune: torch.Tensor) -> torch.Tensor:
