@@ -1,0 +1,21 @@
+"""Applications of curvature (layer 4): what the operators and estimators are used for.
+
+:mod:`hesse.apply.prune`: curvature-based pruning (magnitude, OBD, WoodFisher/M-FAC OBS and
+layer-wise OBS/SparseGPT), each returning masks and weight updates without touching the model.
+"""
+
+from hesse.apply.prune import (
+    PruneResult,
+    apply_masks,
+    prune_layerwise_obs,
+    prune_magnitude,
+    prune_obd,
+    prune_woodfisher,
+)
+from hesse.apply.pruning.fisher_inverse import EmpiricalFisherInverse
+from hesse.apply.pruning.layerwise import DampingWarning
+
+__all__ = [
+    "DampingWarning", "EmpiricalFisherInverse", "PruneResult", "apply_masks", "prune_layerwise_obs",
+    "prune_magnitude", "prune_obd", "prune_woodfisher",
+]

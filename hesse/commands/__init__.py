@@ -1,0 +1,1 @@
+"""Subcommands of the ``hesse`` command line, each registered in :mod:`hesse.cli`."""
