@@ -642,3 +642,14 @@ def _write(request: Request, report: dict) -> None:
         _exit_interrupted(f" during {report['interrupted']}; wrote an incomplete report with the finished "
                           f"analyses ({finished}) to {written}.")
     click.echo(f"report written to {written}")
+
+
+def _register_subcommands() -> None:
+    """Add the subcommands that live in :mod:`hesse.commands` (they reuse this module's helpers,
+    so they are imported after it is complete)."""
+    from hesse.commands.prune import prune
+
+    main.add_command(prune)
+
+
+_register_subcommands()
