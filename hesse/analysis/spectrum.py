@@ -27,7 +27,7 @@ import torch
 from hesse._progress import progress_bar
 from hesse.errors import HesseError, NotConvergedWarning, check_on_interrupt, interrupted
 from hesse.linalg import DensityResult, EigenResult, TraceResult, density
-from hesse.linalg.block_estimators import BlockTraces
+from hesse.linalg.block_estimators import CONFIDENCE, BlockTraces
 from hesse.linalg.checks import check_positive, prepare_operator
 from hesse.linalg.lanczos import Lanczos, krylov_steps
 from hesse.linalg.probes import gaussian_block
@@ -201,8 +201,8 @@ class PerLayerResult(_ResultMixin):
     """Per-block trace, trace per parameter and top eigenvalue of a block-diagonal view.
 
     ``trace[b] +- trace_stderr[b]`` estimates ``tr(A_bb)`` (stderr 0 when
-    ``trace_method[b]`` is exact), aiming at ``trace_stderr <= rtol |trace|``
-    (:attr:`rtol_met`). ``trace_per_parameter = tr(A_bb) / n_b`` is the layer sensitivity of
+    ``trace_method[b]`` is exact), aiming at an error below ``rtol |trace|`` with about 95%
+    confidence, ``2 trace_stderr <= rtol |trace|`` (:attr:`rtol_met`). ``trace_per_parameter = tr(A_bb) / n_b`` is the layer sensitivity of
     HAWQ-V2 (Dong et al. 2020, "HAWQ-V2: Hessian Aware trace-Weighted Quantization"): a
     layer's average curvature, comparable across layers of different size. :attr:`ranking`
     orders blocks by it; :attr:`indistinguishable` lists neighbouring pairs of the ranking
@@ -233,8 +233,8 @@ class PerLayerResult(_ResultMixin):
 
     @property
     def rtol_met(self) -> dict[str, bool]:
-        """Whether each block's trace reached ``stderr <= rtol |trace|``."""
-        return {n: bool(self.trace_stderr[n] <= self.rtol * abs(self.trace[n])) for n in self.names}
+        """Whether each block's trace reached ``2 stderr <= rtol |trace|``."""
+        return {n: bool(CONFIDENCE * self.trace_stderr[n] <= self.rtol * abs(self.trace[n])) for n in self.names}
 
     @property
     def ranking(self) -> list[str]:
@@ -245,11 +245,12 @@ class PerLayerResult(_ResultMixin):
     @property
     def indistinguishable(self) -> list[tuple[str, str]]:
         """Neighbours ``(a, b)`` in :attr:`ranking` with ``|t_a - t_b| <= 2 sqrt(se_a^2 + se_b^2)``
-        (trace per parameter and its stderr): their order is not resolved."""
+        (trace per parameter and its stderr): their order is not resolved. (A NaN trace, from an
+        interrupted run, is ranked last and tied with nothing.)"""
         tpp, se = self.trace_per_parameter, self.trace_per_parameter_stderr
         order = self.ranking
         return [(a, b) for a, b in zip(order, order[1:])
-                if not abs(tpp[a] - tpp[b]) > TIE_STDERRS * math.hypot(se[a], se[b])]
+                if abs(tpp[a] - tpp[b]) <= TIE_STDERRS * math.hypot(se[a], se[b])]
 
     def rows(self) -> list[dict]:
         """One dict per block, in :attr:`ranking` order (``tied_with_next``: indistinguishable)."""
@@ -276,7 +277,7 @@ class PerLayerResult(_ResultMixin):
                 f"{method:<8} {r['trace_per_parameter']:>11.4g} {r['trace_per_parameter_stderr']:>9.2g} "
                 f"{r['top_eigenvalue']:>11.5g}{'' if r['converged'] else ' (unconverged)'}")
         lines.append(f"= : not distinguishable from the next block within {TIE_STDERRS:g} stderrs; "
-                     f"* : stderr above rtol={self.rtol:g} of the trace")
+                     f"* : 2 stderr above rtol={self.rtol:g} of the trace")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -327,7 +328,8 @@ def per_layer(
     (Meyer et al. 2021) in rounds on its own sketch and probes, and all blocks share each
     product of the block-diagonal view ``D`` (one product multiplies every block's columns
     stacked in its rows, ``D [X_1; ...; X_B] = [A_11 X_1; ...; A_BB X_B]``: one data pass for
-    all blocks), until each block's stderr is at most ``rtol |trace|`` or ``trace_probes``
+    all blocks), until each block's error is below ``rtol |trace|`` with about 95% confidence
+    (``2 stderr <= rtol |trace|``) or ``trace_probes``
     products are used. A block whose ``n_b`` identity columns cost no more than the
     estimators' run is computed exactly from its diagonal (stderr 0), riding in the same
     products. Blocks that miss ``rtol`` raise a :class:`NotConvergedWarning`.

@@ -19,7 +19,8 @@ Per block, the trace is one of
   old probes are re-deflated against the grown basis from stored products
   (``A g' = A g - (A Q)(Q^T g)``), so after ``r`` rounds the estimate is Hutch++ with budget
   ``3 c r``; its stderr is the sample stderr of the (unbiased) rest. Rounds go on until every
-  block's stderr is at most ``rtol |trace|`` or the budget is spent.
+  block's error is below ``rtol |trace|`` with about 95% confidence (``2 stderr <= rtol
+  |trace|``) or the budget is spent.
 
 A block is exact from the start when ``n_b`` is at most the columns of the shortest
 estimator run (``2`` rounds), and becomes exact later when, after a round, the columns the
@@ -42,6 +43,7 @@ from hesse.results import TraceResult
 
 ROUND_COLUMNS = 10  # sketch and test columns per block and round (a round is 3x this)
 MIN_ROUNDS = 2  # rounds before a stderr is trusted for stopping
+CONFIDENCE = 2.0  # stop at CONFIDENCE * stderr <= rtol |trace|: error below rtol with ~95% confidence
 
 
 class _Block:
@@ -95,18 +97,18 @@ class _Block:
         return top + mean, err, "hutch++" if self.Q.shape[1] else "hutchinson"
 
     def done(self, rtol: float) -> bool:
-        """Exact and finished, or at least ``MIN_ROUNDS`` rounds of tests and stderr <= rtol |trace|."""
+        """Exact and finished, or ``MIN_ROUNDS`` rounds of tests and ``2 stderr <= rtol |trace|``."""
         est, err, _ = self.estimate()
         if self.exact or self.sketch_room() == 0:
             return err == 0
-        return self.G.shape[1] >= MIN_ROUNDS * ROUND_COLUMNS and err <= rtol * abs(est)
+        return self.G.shape[1] >= MIN_ROUNDS * ROUND_COLUMNS and CONFIDENCE * err <= rtol * abs(est)
 
 
 class BlockTraces:
     """``tr(A_bb)`` of every diagonal block of ``op`` (any operator with ``.blocks``, usually
     a :class:`~hesse.operators.BlockDiagonalOperator`), all blocks sharing each product.
 
-    ``rtol``: stop when every block's stderr is at most ``rtol |trace|``; ``budget``: at most
+    ``rtol``: stop when every block has ``2 stderr <= rtol |trace|``; ``budget``: at most
     this many columns of ``op`` (products of the block-diagonal view). :meth:`run` does the
     work; :meth:`results` reads the estimates at any time (also after Ctrl-C). See the module
     docstring for the method.
@@ -132,7 +134,8 @@ class BlockTraces:
             if any(b.sketch_room() for b in self.blocks):
                 self._round(on_columns)
             else:
-                self._multiply(lambda i: None, min(DEFAULT_CHUNK, self.budget - self.matvecs), on_columns)
+                left = max(b.n - len(b.diag) for b in self.blocks if b.exact)
+                self._multiply(lambda i: None, min(DEFAULT_CHUNK, self.budget - self.matvecs, left), on_columns)
             self._switch_to_exact()
 
     def results(self, interrupted: bool = False) -> dict[str, TraceResult]:
@@ -191,7 +194,7 @@ class BlockTraces:
             if b.exact or b.done(self.rtol) or b.G.shape[1] < MIN_ROUNDS * ROUND_COLUMNS:
                 continue
             est, err, _ = b.estimate()
-            ratio = err / (self.rtol * abs(est)) if est else math.inf
+            ratio = CONFIDENCE * err / (self.rtol * abs(est)) if est else math.inf
             need = max(need, 3 * b.G.shape[1] * (ratio**2 - 1))
         room = min(need, self.budget - self.matvecs)
         for b in self.blocks:
