@@ -59,7 +59,7 @@ def test_trace_share_of_the_outliers():
 
 
 def test_a_bulk_without_outliers_says_so():
-    for split in (bulk_outlier_split(eigenvalues(BULK_ONLY, k=25, progress=False)),
+    for split in (bulk_outlier_split(eigenvalues(BULK_ONLY, k=12, progress=False)),
                   bulk_outlier_split(density(BULK_ONLY, num_probes=4, lanczos_steps=60, progress=False))):
         assert split.num_outliers == 0 and split.outliers == [] and split.bulk_edge is None
         assert split.reason.startswith("no clear separation") and split.gap_ratio < 1.5
