@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -122,67 +122,3 @@ class DiagonalResult(_ResultMixin):
             f"DiagonalResult(P={self.estimate.numel()}, sum={_fmt(float(self.estimate.sum()))}, "
             f"{err}, method={self.method}, matvecs={self.matvecs}{flag})"
         )
-
-
-@dataclass(repr=False)
-class OutlierSplit(_ResultMixin):
-    """How many eigenvalues stand out of the bulk (see :func:`bulk_outlier_split`)."""
-
-    num_outliers: int
-    outliers: list[float]
-    bulk_edge: float
-    gap_ratio: float
-    rule: str
-
-    def __repr__(self) -> str:
-        return (
-            f"OutlierSplit(num_outliers={self.num_outliers}, outliers={[_fmt(v) for v in self.outliers]}, "
-            f"bulk_edge={_fmt(self.bulk_edge)}, gap_ratio={_fmt(self.gap_ratio)})"
-        )
-
-
-@dataclass(repr=False)
-class PerLayerResult(_ResultMixin):
-    """Per-block top eigenvalue and trace (and optionally density) of a block-diagonal view."""
-
-    names: list[str]
-    sizes: dict[str, int]
-    top_eigenvalue: dict[str, float]
-    eigen_converged: dict[str, bool]
-    trace: dict[str, float]
-    trace_stderr: dict[str, float]
-    matvecs: int
-    densities: dict[str, Any] = field(default_factory=dict)
-    interrupted: bool = False
-
-    def rows(self) -> list[dict]:
-        """One dict per block: name, size, top eigenvalue, trace and its standard error."""
-        return [
-            {
-                "block": n,
-                "size": self.sizes[n],
-                "top_eigenvalue": self.top_eigenvalue[n],
-                "converged": self.eigen_converged[n],
-                "trace": self.trace[n],
-                "trace_stderr": self.trace_stderr[n],
-            }
-            for n in self.names
-        ]
-
-    def table(self) -> str:
-        """A printable fixed-width table of :meth:`rows`."""
-        width = max([5] + [len(n) for n in self.names])
-        lines = [f"{'block':<{width}}  {'size':>9}  {'top eig':>12}  {'trace':>12}  {'+-':>10}"]
-        for r in self.rows():
-            mark = "" if r["converged"] else " (unconverged)"
-            lines.append(
-                f"{r['block']:<{width}}  {r['size']:>9d}  {r['top_eigenvalue']:>12.5g}  "
-                f"{r['trace']:>12.5g}  {r['trace_stderr']:>10.3g}{mark}"
-            )
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
-
-    def __repr__(self) -> str:
-        return f"PerLayerResult(blocks={self.names}, matvecs={self.matvecs})\n{self.table()}"

@@ -110,28 +110,28 @@ def test_density_interrupt_keeps_finished_steps():
 BLOCKS = {"layer1.weight": slice(0, 120), "layer1.bias": slice(120, 130), "layer2.weight": slice(130, P)}
 
 
-def test_per_layer_traces_sum_to_block_diagonal_trace_and_top_eigenvalues_exact():
+def test_per_layer_traces_and_top_eigenvalues_exact():
     D = BlockDiagonalOperator(DenseOperator(A_NN), BLOCKS)
-    res = per_layer(D, trace_probes=64, progress=False, seed=3)
-    full = trace(D, "hutchinson", budget=64, seed=3, progress=False)
-    assert sum(res.trace.values()) == pytest.approx(full.estimate, rel=1e-10)
+    res = per_layer(D, rtol=0.02, progress=False, seed=3)
     for name, s in BLOCKS.items():
         block = A_NN[s, s]
         assert res.top_eigenvalue[name] == pytest.approx(float(torch.linalg.eigvalsh(block)[-1]), rel=1e-3)
         assert abs(res.trace[name] - float(torch.trace(block))) <= 4 * res.trace_stderr[name] + 1e-9
-        assert res.eigen_converged[name]
+        assert res.eigen_converged[name] and res.rtol_met[name]
     rows = res.rows()
-    assert [r["block"] for r in rows] == list(BLOCKS) and "layer1.bias" in res.table()
+    assert sorted(r["block"] for r in rows) == sorted(BLOCKS) and "layer1.bias" in res.table()
     json.dumps(res.to_dict())
 
 
 def test_per_layer_advances_all_blocks_in_one_pass_per_step():
     parent = CountingOperator(A_NN)
     D = BlockDiagonalOperator(parent, BLOCKS)
-    res = per_layer(D, trace_probes=32, progress=False)
-    # 1 symmetry check + 1 chunk of trace probes + one call per Lanczos step
-    assert parent.calls == 2 + (res.matvecs - 2 - 32)
-    assert res.matvecs - 2 - 32 <= 200
+    res = per_layer(D, trace_probes=30, progress=False)
+    # 1 symmetry check + one Hutch++ round (two passes: sketch and tests, then the basis)
+    # + one call per Lanczos step
+    assert res.trace_matvecs == 30
+    assert parent.calls == 1 + 2 + (res.matvecs - 2 - 30)
+    assert res.matvecs - 2 - 30 <= 200
 
 
 def test_per_layer_uses_blocks_of_a_plain_operator_and_block_diagonal_method():
@@ -250,7 +250,7 @@ def test_per_layer_interrupt_keeps_traces():
 
         def _matmat(self, V):
             self.calls += 1
-            if self.calls == 6:  # symmetry check, 1 trace chunk, then Lanczos steps
+            if self.calls == 8:  # symmetry check, 3 trace passes, then Lanczos steps
                 raise KeyboardInterrupt
             return super()._matmat(V)
 

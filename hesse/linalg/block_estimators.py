@@ -1,0 +1,202 @@
+"""Traces of every diagonal block of a block-diagonal operator, all blocks sharing passes.
+
+For a block-diagonal view ``D = diag(A_11, ..., A_BB)`` (:class:`hesse.operators.BlockDiagonalOperator`)
+one product multiplies every block's own vectors at once: stacking block ``b``'s vectors
+``X_b`` in its rows gives ``D [X_1; ...; X_B] = [A_11 X_1; ...; A_BB X_B]``. One column of
+such a product (one data pass for a curvature operator, whatever the number of blocks) is
+the unit of cost here, so a block that needs fewer columns than another rides along for free.
+
+Per block, the trace is one of
+
+* **exact**: ``tr(A_bb) = sum_j e_j^T A_bb e_j`` from ``n_b`` identity columns (stderr 0),
+  taken in a random order so that an interrupted run extrapolates without bias
+  (``n_b * mean`` of the finished entries, finite-population-corrected stderr);
+* **Hutch++ in rounds** (Meyer, Musco, Musco & Woodruff 2021, "Hutch++: Optimal Stochastic
+  Trace Estimation"; adaptive use as in Persson, Cortinovis & Kressner 2022): each round adds
+  ``c`` sketch columns ``A_bb Omega`` (their orthonormalised products extend the basis ``Q_b``,
+  whose part ``tr(Q_b^T A_bb Q_b)`` is exact) and ``c`` test probes ``g`` for the rest,
+  ``tr((I - Q Q^T) A (I - Q Q^T)) ~ mean g'^T A g'`` with ``g' = (I - Q Q^T) g``. Products of
+  old probes are re-deflated against the grown basis from stored products
+  (``A g' = A g - (A Q)(Q^T g)``), so after ``r`` rounds the estimate is Hutch++ with budget
+  ``3 c r``; its stderr is the sample stderr of the (unbiased) rest. Rounds go on until every
+  block's error is below ``rtol |trace|`` with about 95% confidence (``2 stderr <= rtol
+  |trace|``) or the budget is spent.
+
+A block is exact from the start when ``n_b`` is at most the columns of the shortest
+estimator run (``2`` rounds), and becomes exact later when, after a round, the columns the
+estimators still need to reach ``rtol`` (extrapolated at the Hutchinson rate
+``stderr ~ 1/sqrt(m)``, a pessimistic bound for Hutch++) are at least ``n_b``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from hesse.linalg.estimators import _mean_stderr
+from hesse.linalg.lanczos import orthonormalize_against
+from hesse.linalg.probes import DEFAULT_CHUNK, isotropic_probes
+from hesse.operators import LinearOperator
+from hesse.results import TraceResult
+
+ROUND_COLUMNS = 10  # sketch and test columns per block and round (a round is 3x this)
+MIN_ROUNDS = 2  # rounds before a stderr is trusted for stopping
+CONFIDENCE = 2.0  # stop at CONFIDENCE * stderr <= rtol |trace|: error below rtol with ~95% confidence
+
+
+class _Block:
+    """One diagonal block's state: its exact diagonal so far, or its Hutch++ sketch and tests."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.n = n
+        empty = torch.zeros(n, 0, dtype=torch.float64, device=device)
+        self.Q, self.AQ, self.G, self.AG = empty, empty, empty, empty
+        self.Y = empty  # sketch products waiting to be orthonormalised and multiplied
+        self.order: torch.Tensor | None = None  # exact: identity columns in this random order
+        self.diag = torch.zeros(0, dtype=torch.float64)  # exact: diagonal entries found so far
+
+    @property
+    def exact(self) -> bool:
+        return self.order is not None
+
+    def start_exact(self, gen: torch.Generator) -> None:
+        self.order, self.diag = torch.randperm(self.n, generator=gen), torch.zeros(0, dtype=torch.float64)
+
+    def sketch_room(self) -> int:
+        return 0 if self.exact else self.n - self.Q.shape[1]
+
+    def identity_columns(self, width: int) -> torch.Tensor:
+        """The next ``<= width`` identity columns of an exact block, ``[n, w]``."""
+        rows = self.order[len(self.diag): len(self.diag) + width]
+        E = torch.zeros(self.n, len(rows), dtype=torch.float64)
+        E[rows, torch.arange(len(rows))] = 1
+        return E
+
+    def record_identity(self, AE: torch.Tensor) -> None:
+        """Store the diagonal entries from the products ``AE`` of :meth:`identity_columns`."""
+        rows = self.order[len(self.diag): len(self.diag) + AE.shape[1]]
+        entries = AE.to(torch.float64).cpu()[rows, torch.arange(len(rows))]
+        self.diag = torch.cat([self.diag, entries])
+
+    def estimate(self) -> tuple[float, float, str]:
+        """``(trace, stderr, method)`` from the state so far (NaN, inf before any data)."""
+        if self.exact:
+            j = len(self.diag)
+            if j == self.n:
+                return float(self.diag.sum()), 0.0, "exact"
+            mean, err = _mean_stderr(self.diag)
+            label = f"exact (partial: extrapolated from {j} of {self.n} diagonal entries)"
+            return self.n * mean, self.n * err * math.sqrt(1 - j / self.n), label
+        top = float((self.Q * self.AQ).sum())
+        if self.Q.shape[1] >= self.n:
+            return top, 0.0, "hutch++ (exact: the sketch spans the block)"
+        W = self.Q.T @ self.G
+        mean, err = _mean_stderr(((self.G - self.Q @ W) * (self.AG - self.AQ @ W)).sum(0).cpu())
+        return top + mean, err, "hutch++" if self.Q.shape[1] else "hutchinson"
+
+    def done(self, rtol: float) -> bool:
+        """Exact and finished, or ``MIN_ROUNDS`` rounds of tests and ``2 stderr <= rtol |trace|``."""
+        est, err, _ = self.estimate()
+        if self.exact or self.sketch_room() == 0:
+            return err == 0
+        return self.G.shape[1] >= MIN_ROUNDS * ROUND_COLUMNS and CONFIDENCE * err <= rtol * abs(est)
+
+
+class BlockTraces:
+    """``tr(A_bb)`` of every diagonal block of ``op`` (any operator with ``.blocks``, usually
+    a :class:`~hesse.operators.BlockDiagonalOperator`), all blocks sharing each product.
+
+    ``rtol``: stop when every block has ``2 stderr <= rtol |trace|``; ``budget``: at most
+    this many columns of ``op`` (products of the block-diagonal view). :meth:`run` does the
+    work; :meth:`results` reads the estimates at any time (also after Ctrl-C). See the module
+    docstring for the method.
+    """
+
+    def __init__(self, op: LinearOperator, rtol: float, budget: int, generator: torch.Generator):
+        self.op, self.rtol, self.budget, self.gen = op, rtol, budget, generator
+        self.names = list(op.blocks)
+        self.slices = [op.blocks[n] for n in self.names]
+        self.blocks = [_Block(s.stop - s.start, op.device) for s in self.slices]
+        self.matvecs = 0
+        shortest = min(budget, 3 * MIN_ROUNDS * ROUND_COLUMNS)
+        for block in self.blocks:
+            if block.n <= shortest:
+                block.start_exact(generator)
+
+    def finished(self) -> bool:
+        return all(b.done(self.rtol) for b in self.blocks)
+
+    def run(self, on_columns: Callable[[int], None] = lambda n: None) -> None:
+        """Rounds (or identity-only passes) until every block is done or the budget is spent."""
+        while not self.finished() and self.matvecs < self.budget:
+            if any(b.sketch_room() for b in self.blocks):
+                self._round(on_columns)
+            else:
+                left = max(b.n - len(b.diag) for b in self.blocks if b.exact)
+                self._multiply(lambda i: None, min(DEFAULT_CHUNK, self.budget - self.matvecs, left), on_columns)
+            self._switch_to_exact()
+
+    def results(self, interrupted: bool = False) -> dict[str, TraceResult]:
+        """Every block's :class:`~hesse.results.TraceResult` (``matvecs``: the shared columns)."""
+        out = {}
+        for name, block in zip(self.names, self.blocks):
+            est, err, method = block.estimate()
+            out[name] = TraceResult(est, err, self.matvecs, method, interrupted)
+        return out
+
+    def _multiply(self, columns: Callable[[int], torch.Tensor | None], width: int,
+                  on_columns: Callable[[int], None]) -> list[torch.Tensor | None]:
+        """One product of ``op`` on ``width`` columns: estimated block ``i`` puts ``columns(i)``
+        (``[n_i, <= width]`` or ``None``) in its rows, exact blocks their next identity columns
+        (and record the entries). Returns each block's products of ``columns(i)`` (or ``None``)."""
+        X = torch.zeros(self.op.size, width, dtype=torch.float64)
+        own = [None if b.exact else columns(i) for i, b in enumerate(self.blocks)]
+        for s, b, cols in zip(self.slices, self.blocks, own):
+            cols = b.identity_columns(width) if b.exact else cols
+            if cols is not None:
+                X[s, : cols.shape[1]] = cols.cpu()
+        AX = self.op.matmat(X.to(self.op.dtype).to(self.op.device)).to(torch.float64)
+        self.matvecs += width
+        on_columns(width)
+        for s, b in zip(self.slices, self.blocks):
+            if b.exact:
+                b.record_identity(AX[s, : min(width, b.n - len(b.diag))])
+        return [None if cols is None else AX[s, : cols.shape[1]] for s, cols in zip(self.slices, own)]
+
+    def _round(self, on_columns: Callable[[int], None]) -> None:
+        """Pass 1: ``[Omega_b, G_b]`` (sketch and test probes); pass 2: the new basis columns."""
+        left = self.budget - self.matvecs
+        c_s, c_r = (min(ROUND_COLUMNS, left // 3),) * 2 if left >= 3 else (0, left)
+        Omega = isotropic_probes(self.op, c_s, generator=self.gen).to(torch.float64).cpu()
+        G = isotropic_probes(self.op, c_r, generator=self.gen).to(torch.float64).cpu()
+        sketch = [min(c_s, b.sketch_room()) for b in self.blocks]
+        products = self._multiply(
+            lambda i: torch.cat([Omega[self.slices[i], : sketch[i]], G[self.slices[i]]], 1)
+            if self.blocks[i].sketch_room() else None, c_s + c_r, on_columns)
+        for s, b, k, AX in zip(self.slices, self.blocks, sketch, products):
+            if AX is not None:
+                b.Y, b.G, b.AG = AX[:, :k], torch.cat([b.G, G[s].to(AX.device)], 1), torch.cat([b.AG, AX[:, k:]], 1)
+        width = max((b.Y.shape[1] for b in self.blocks if not b.exact), default=0)
+        if width and self.matvecs + width <= self.budget:
+            new = [None if b.exact or not b.Y.shape[1] else orthonormalize_against(b.Y, b.Q)[0] for b in self.blocks]
+            products = self._multiply(lambda i: new[i], width, on_columns)
+            for b, Q, AQ in zip(self.blocks, new, products):
+                if AQ is not None:
+                    b.Q, b.AQ, b.Y = torch.cat([b.Q, Q], 1), torch.cat([b.AQ, AQ], 1), b.Y[:, :0]
+
+    def _switch_to_exact(self) -> None:
+        """Make a block exact when its ``n_b`` identity columns cost no more than the columns
+        the unfinished estimators are still expected to need (and fit in the budget)."""
+        need = 0.0
+        for b in self.blocks:
+            if b.exact or b.done(self.rtol) or b.G.shape[1] < MIN_ROUNDS * ROUND_COLUMNS:
+                continue
+            est, err, _ = b.estimate()
+            ratio = CONFIDENCE * err / (self.rtol * abs(est)) if est else math.inf
+            need = max(need, 3 * b.G.shape[1] * (ratio**2 - 1))
+        room = min(need, self.budget - self.matvecs)
+        for b in self.blocks:
+            if not b.exact and not b.done(self.rtol) and b.n <= room:
+                b.start_exact(self.gen)
