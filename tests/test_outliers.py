@@ -13,7 +13,7 @@ from hesse.analysis.spectrum import OutlierSplit
 from hesse.errors import HesseError
 from hesse.linalg import density, eigenvalues, trace
 from hesse.operators import DenseOperator
-from tests.conftest import dense_hessian, sym_matrix
+from tests.helpers import dense_hessian, sym_matrix
 
 P = 300
 _rng = np.random.default_rng(1)

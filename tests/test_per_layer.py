@@ -15,7 +15,7 @@ from hesse.analysis.spectrum import PerLayerResult
 from hesse.errors import NotConvergedWarning
 from hesse.linalg.block_estimators import BlockTraces
 from hesse.operators import BlockDiagonalOperator, DenseOperator
-from tests.conftest import dense_hessian, sym_matrix
+from tests.helpers import dense_hessian, sym_matrix
 
 P = 400
 _rng = np.random.default_rng(0)

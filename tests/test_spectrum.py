@@ -149,13 +149,13 @@ def test_per_layer_uses_blocks_of_a_plain_operator_and_block_diagonal_method():
 
 def test_stability_verdicts():
     top, tr = 30.0, float(NN_SPECTRUM.sum())
-    unstable = stability(A_NN, lr=0.1, progress=False)  # 2/lr = 20 < 30
+    unstable = stability(A_NN, lr=0.1, batch_size=1, progress=False)  # 2/lr = 20 < 30
     assert unstable.top_eigenvalue == pytest.approx(top, rel=1e-4)
     assert unstable.gd_ratio == pytest.approx(top * 0.1 / 2, rel=1e-4) and unstable.gd_verdict.startswith("unstable")
     assert unstable.sgd_verdict.startswith("violated")
-    edge = stability(A_NN, lr=0.065, progress=False)  # 2/lr = 30.8
+    edge = stability(A_NN, lr=0.065, batch_size=1, progress=False)  # 2/lr = 30.8
     assert edge.gd_verdict.startswith("edge")
-    calm = stability(A_NN, lr=2 / (3 * tr), momentum=0.5, progress=False)
+    calm = stability(A_NN, lr=2 / (3 * tr), momentum=0.5, batch_size=1, progress=False)
     assert calm.gd_verdict == "stable" and calm.sgd_verdict.startswith("satisfied")
     assert calm.gd_threshold == pytest.approx(3 / calm.lr)
     json.dumps(calm.to_dict())
@@ -168,7 +168,7 @@ def test_stability_batch_size_closed_form():
     lam, tr = 10.0, 50.0
     op = DenseOperator(torch.diag(torch.tensor([lam] + [2.0] * 20, dtype=torch.float64)))
     common = dict(trace_budget=99, progress=False)
-    one = stability(op, lr=0.1, **common)  # threshold 2/lr = 20
+    one = stability(op, lr=0.1, batch_size=1, **common)  # threshold 2/lr = 20
     assert one.sgd_threshold == pytest.approx(20.0) and one.trace == pytest.approx(tr, rel=1e-8)
     assert one.sgd_quantity == pytest.approx(tr, rel=1e-8) and one.sgd_ratio == pytest.approx(2.5, rel=1e-8)
     assert one.sgd_verdict.startswith("violated") and "batch size 1" in one.sgd_verdict
