@@ -22,10 +22,14 @@ from hesse.analysis import (
     stability,
 )
 from hesse.errors import HesseError, NotConvergedWarning
-from hesse.linalg import density, diagonal, eigenvalues, frobenius_norm, trace
+from hesse.linalg import cg, density, diagonal, eigenvalues, frobenius_norm, lissa, lowrank_inverse, minres, neumann, trace
 from hesse.operators import (
+    EKFAC,
     GGN,
+    KFAC,
     BlockDiagonalOperator,
+    FunctionOperator,
+    Identity,
     DenseOperator,
     Fisher,
     Hessian,
@@ -37,6 +41,7 @@ from hesse.operators import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "EKFAC", "KFAC", "FunctionOperator", "Identity", "cg", "lissa", "lowrank_inverse", "minres", "neumann",
     "GGN", "BlockDiagonalOperator", "DenseOperator", "Fisher", "Hessian", "HesseError", "Landscape",
     "LinearOperator", "NotConvergedWarning", "Objective", "SharpnessMonitor", "__version__", "as_operator",
     "batch_size_sharpness", "bulk_outlier_split", "density", "diagonal", "eigenvalues",

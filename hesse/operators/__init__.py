@@ -14,6 +14,7 @@ from hesse.operators.data import DataSource, default_forward
 from hesse.operators.fisher import Fisher
 from hesse.operators.ggn import GGN
 from hesse.operators.hessian import Hessian
+from hesse.operators.kfac import EKFAC, KFAC, ExactBlock, KroneckerBlock
 from hesse.operators.linear import (
     BlockDiagonalOperator,
     BlockView,
@@ -26,7 +27,7 @@ from hesse.operators.objective import Evaluation, Objective, as_objective, selec
 
 __all__ = [
     "BlockDiagonalAssembly", "ComposedOperator", "FunctionOperator", "Identity", "ScaledOperator",
-    "SumOperator", "block_diagonal",
+    "SumOperator", "block_diagonal", "EKFAC", "KFAC", "ExactBlock", "KroneckerBlock",
     "BlockDiagonalOperator", "BlockView", "CurvatureOperator", "DataSource", "DenseOperator", "Evaluation",
     "Fisher", "GGN", "Hessian", "LinearOperator", "Objective", "ScipyOperator", "as_objective", "as_operator",
     "default_forward", "select_parameters",
