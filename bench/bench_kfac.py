@@ -3,7 +3,7 @@
 The objective is ``hesse.examples.minilm_example()`` (contrastive loss on the 32 bundled
 paraphrase pairs, 4 batches of 8 pairs); the parameters are the weights and biases of
 every ``nn.Linear`` in the six encoder layers: query, key, value, attention output,
-intermediate and output dense (6 x 6 = 36 layers, 21.3M parameters). Reports the time of
+intermediate and output dense (6 x 6 = 36 layers, 10.6M parameters). Reports the time of
 each factor computation and the process's peak resident memory.
 
     PYTHONPATH=. .venv/bin/python bench/bench_kfac.py [--threads 2] [--kind mc]
