@@ -23,15 +23,19 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "hesse.errors": ["HesseError", "NotConvergedWarning"],
     "hesse.operators": [
-        "GGN", "BlockDiagonalOperator", "DenseOperator", "Fisher", "Hessian", "LinearOperator", "Objective",
-        "as_operator",
+        "EKFAC", "GGN", "KFAC", "BlockDiagonalOperator", "DenseOperator", "Fisher", "FunctionOperator", "Hessian",
+        "Identity", "LinearOperator", "Objective", "as_operator",
     ],
-    "hesse.linalg": ["density", "diagonal", "eigenvalues", "frobenius_norm", "trace"],
+    "hesse.linalg": [
+        "cg", "density", "diagonal", "eigenvalues", "frobenius_norm", "lissa", "lowrank_inverse", "minres",
+        "neumann", "trace",
+    ],
     "hesse.analysis": [
         "Landscape", "SharpnessMonitor", "adaptive_sharpness", "average_sharpness", "batch_size_sharpness",
         "bulk_outlier_split", "eigenvalue_sharpness", "interpolate", "loss_landscape", "per_layer",
         "sam_sharpness", "stability", "stability_threshold", "trace_sharpness", "worst_case_sharpness",
     ],
+    "hesse.apply": ["apply_masks", "prune_layerwise_obs", "prune_magnitude", "prune_obd", "prune_woodfisher"],
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -57,8 +61,14 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the names directly
         bulk_outlier_split, eigenvalue_sharpness, interpolate, loss_landscape, per_layer, sam_sharpness,
         stability, stability_threshold, trace_sharpness, worst_case_sharpness,
     )
+    from hesse.apply import (  # noqa: F401
+        apply_masks, prune_layerwise_obs, prune_magnitude, prune_obd, prune_woodfisher,
+    )
     from hesse.errors import HesseError, NotConvergedWarning  # noqa: F401
-    from hesse.linalg import density, diagonal, eigenvalues, frobenius_norm, trace  # noqa: F401
+    from hesse.linalg import (  # noqa: F401
+        cg, density, diagonal, eigenvalues, frobenius_norm, lissa, lowrank_inverse, minres, neumann, trace,
+    )
     from hesse.operators import (  # noqa: F401
-        GGN, BlockDiagonalOperator, DenseOperator, Fisher, Hessian, LinearOperator, Objective, as_operator,
+        EKFAC, GGN, KFAC, BlockDiagonalOperator, DenseOperator, Fisher, FunctionOperator, Hessian, Identity,
+        LinearOperator, Objective, as_operator,
     )

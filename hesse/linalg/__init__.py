@@ -15,9 +15,11 @@ from hesse.linalg.eigen import eigenvalues
 from hesse.linalg.estimators import diagonal, frobenius_norm, trace
 from hesse.linalg.probes import isotropic_probes
 from hesse.linalg.quadrature import DensityResult, density
+from hesse.linalg.solvers import LowRankInverse, SolveResult, cg, damped, lissa, lowrank_inverse, lowrank_solve, minres, neumann
 from hesse.results import DiagonalResult, EigenResult, NormResult, TraceResult
 
 __all__ = [
+    "LowRankInverse", "SolveResult", "cg", "damped", "lissa", "lowrank_inverse", "lowrank_solve", "minres", "neumann",
     "DensityResult", "DiagonalResult", "EigenResult", "NormResult", "TraceResult",
     "density", "diagonal", "eigenvalues", "frobenius_norm", "isotropic_probes", "trace",
 ]

@@ -62,10 +62,47 @@ class LinearOperator:
         self._check_vector(v, ndim=1)
         return self.matmat(v[:, None])[:, 0]
 
-    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+    def __matmul__(self, x):
+        """``A @ v`` (a tensor ``[P]`` or ``[P, K]``: the product) or ``A @ B`` (an operator: the composition)."""
+        if isinstance(x, LinearOperator):
+            from hesse.operators.algebra import ComposedOperator
+
+            return ComposedOperator(self, x)
         if isinstance(x, torch.Tensor) and x.ndim == 1:
             return self.matvec(x)
         return self.matmat(x)
+
+    # ---- algebra (see hesse.operators.algebra) ------------------------------------------------
+    def __add__(self, other):
+        """``A + B`` for an operator ``B`` (e.g. ``C + lam * hesse.Identity(P)``)."""
+        if not isinstance(other, LinearOperator):
+            return NotImplemented
+        from hesse.operators.algebra import SumOperator
+
+        return SumOperator([self, other])
+
+    def __sub__(self, other):
+        if not isinstance(other, LinearOperator):
+            return NotImplemented
+        return self + (-1.0) * other
+
+    def __mul__(self, alpha):
+        """``alpha * A`` (or ``A * alpha``) for a real number ``alpha``."""
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            return NotImplemented
+        from hesse.operators.algebra import ScaledOperator
+
+        return ScaledOperator(self, alpha)
+
+    __rmul__ = __mul__
+
+    def __neg__(self):
+        return (-1.0) * self
+
+    def __truediv__(self, alpha):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            return NotImplemented
+        return (1.0 / alpha) * self
 
     def _check_vector(self, x: torch.Tensor, ndim: int) -> None:
         if not isinstance(x, torch.Tensor):
@@ -216,9 +253,17 @@ class BlockDiagonalOperator(LinearOperator):
 
 
 def as_operator(obj) -> LinearOperator:
-    """Turn a tensor, NumPy array, SciPy operator or hesse operator into a ``LinearOperator``."""
+    """Turn a tensor, NumPy array, SciPy operator, hesse operator or ``(matmat, P)`` into a ``LinearOperator``.
+
+    A pair ``(fn, P)`` or ``(fn, (P, P))`` is a callable on ``[P, K]`` float64 CPU tensors; for other
+    dtypes, devices or a one-vector callable use :class:`hesse.operators.FunctionOperator`.
+    """
     if isinstance(obj, LinearOperator):
         return obj
+    if isinstance(obj, tuple) and len(obj) == 2 and callable(obj[0]):
+        from hesse.operators.algebra import FunctionOperator
+
+        return FunctionOperator(obj[0], obj[1])
     if isinstance(obj, torch.Tensor):
         return DenseOperator(obj)
     if isinstance(obj, np.ndarray):
@@ -227,5 +272,6 @@ def as_operator(obj) -> LinearOperator:
         return ScipyOperator(obj)
     raise HesseError(
         f"cannot use a {type(obj).__name__} as a curvature operator; pass a hesse operator "
-        "(hesse.Hessian, hesse.GGN, hesse.Fisher), a square torch tensor, or a SciPy LinearOperator."
+        "(hesse.Hessian, hesse.GGN, hesse.Fisher), a square torch tensor, a SciPy LinearOperator, or "
+        "(matmat_callable, P)."
     )
