@@ -31,12 +31,14 @@ def test_top5_bottom5_default_settings(name, which):
     rel = np.abs(res.values.numpy() - exact) / np.abs(exact)
     assert rel.max() < 1e-3, (name, which, res.values, exact)
     assert bool(res.converged.all())
-    # sorted as documented, residuals honest and small, vectors orthonormal
+    # sorted as documented, residuals honest, error bounds honest and within tol, vectors orthonormal
     vals = res.values.numpy()
     assert np.all(np.diff(vals) <= 0) if which == "largest" else np.all(np.diff(vals) >= 0)
     true_res = (A @ res.vectors - res.vectors * res.values).norm(dim=0)
     assert torch.allclose(true_res, res.residuals, atol=1e-8)
-    assert float(true_res.max()) <= 1e-4 * float(np.abs(vals).max())
+    bounds = res.error_bounds.numpy()
+    assert np.all(np.abs(vals - exact) <= bounds) and np.all(bounds <= 1e-3 * np.abs(vals))
+    assert np.all(bounds <= res.residuals.numpy() + 1e-300)
     assert torch.allclose(res.vectors.T @ res.vectors, torch.eye(5, dtype=torch.float64), atol=1e-8)
 
 
