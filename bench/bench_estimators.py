@@ -73,6 +73,44 @@ def bench_eigenvalues(A: torch.Tensor, lams: np.ndarray) -> None:
           [["cold", cold.matvecs, f"{float(cold.values[0]):.6f}"], ["warm", warm.matvecs, f"{float(warm.values[0]):.6f}"]])
 
 
+def small_cnn_hessian(n: int = 512, seed: int = 0):
+    """``hesse.Hessian`` of a small CNN (about 3k parameters, ``n`` 12x12 images in 4 batches)."""
+    import hesse
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(72, 10))
+    X, y = torch.randn(n, 1, 12, 12), torch.randint(0, 10, (n,))
+    batches = [(X[i:i + n // 4], y[i:i + n // 4]) for i in range(0, n, n // 4)]
+    return hesse.Hessian(model, nn.CrossEntropyLoss(), batches)
+
+
+def bench_block_size(A: torch.Tensor, lams: np.ndarray, repeats: int = 3) -> None:
+    """Passes, products and time of eigenvalues() by block size, on the dense NN-like matrix
+    and on a small CNN's Hessian (float32; reference: a tol=1e-9 run in float64 accumulation)."""
+    H = small_cnn_hessian()
+    ref_h = eigenvalues(H, k=10, tol=1e-7, block_size=1, accumulate=torch.float64, progress=False).values.numpy()
+    rows = []
+    for name, op, ref in [("dense", A, np.sort(lams)[::-1]), ("cnn", H, ref_h)]:
+        for k in (1, 5, 10):
+            for b in (1, 2, 4, 8):
+                if b > max(k, 1) * 2 or (k == 1 and b > 1):
+                    continue
+                times = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", NotConvergedWarning)
+                        res = eigenvalues(op, k=k, block_size=b, progress=False)
+                    times.append(time.perf_counter() - t)
+                err = np.max(np.abs(res.values.numpy() - ref[:k]) / np.abs(ref[:k]))
+                rows.append([name, k, b, res.passes, res.matvecs, f"{err:.1e}", bool(res.converged.all()),
+                             f"{min(times):.2f}"])
+    table("eigenvalues by block size (default tol=1e-3; seconds: best of repeats)",
+          ["operator", "k", "block", "passes", "matvecs", "max rel err", "converged", "seconds"], rows)
+
+
 def bench_trace(A: torch.Tensor, lams: np.ndarray, seeds: int = 8) -> None:
     exact = float(lams.sum())
     rows = []
@@ -135,6 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for small dense products)")
+    parser.add_argument("--only", default=None, help="run only this part (eigenvalues, block, trace, density, ...)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -142,11 +181,12 @@ def main() -> None:
     A = matrix_with_spectrum(lams)
     print(f"# hesse spectral estimators on a {args.size}x{args.size} NN-like spectrum "
           f"(top {lams.max():.4g}, bottom {lams.min():.4g}, trace {lams.sum():.4g})")
-    bench_eigenvalues(A, lams)
-    bench_trace(A, lams)
-    bench_diagonal_and_norm(A, lams)
-    bench_density(A, lams)
-    bench_per_layer(A)
+    parts = {"eigenvalues": lambda: bench_eigenvalues(A, lams), "block": lambda: bench_block_size(A, lams),
+             "trace": lambda: bench_trace(A, lams), "diagonal": lambda: bench_diagonal_and_norm(A, lams),
+             "density": lambda: bench_density(A, lams), "per_layer": lambda: bench_per_layer(A)}
+    for name, part in parts.items():
+        if args.only in (None, name):
+            part()
     print(f"\ntotal {time.perf_counter() - start:.1f}s")
 
 
