@@ -136,8 +136,8 @@ def trace(
     Cortinovis & Kressner 2022); XTrace adds probes and recomputes its leave-one-out
     estimate and error estimate (Epperly, Tropp & Webber 2024) from all of them.
     Fixed (``budget=m``, no ``rtol``): exactly the original algorithms with ``m`` products.
-    When ``P`` is at most the budget (or cap) the trace is computed exactly from ``P``
-    identity columns (``method="exact"``, ``stderr = 0``).
+    When ``P`` is at most the budget (adaptively: at most ``min(max_matvecs, 300)``) the
+    trace is computed exactly from ``P`` identity columns (``method="exact"``, ``stderr = 0``).
     Ctrl-C: see the module docstring (``on_interrupt``).
     """
     check_choice("method", method, TRACE_METHODS)
@@ -152,8 +152,8 @@ def trace(
     _check_budget(method, cap)
     op, used = prepare_operator(op, check_symmetric, seed)
     gen = torch.Generator().manual_seed(seed)
-    if op.size <= cap:  # P identity columns cost no more than the probes: be exact
-        method = "exact"
+    if op.size <= (min(cap, DEFAULT_MAX_MATVECS) if adaptive else cap):  # P identity columns cost no more
+        method = "exact"  # than the probes (adaptively: than the default cap): be exact
     algorithm = _trace_algorithm(method, adaptive, cap, rtol, distribution, gen)
     total = op.size if method == "exact" else cap
     return _run_guarded(op, used, chunk_size, total, f"trace ({method})", progress, on_interrupt, algorithm)
