@@ -3,8 +3,12 @@
 Lanczos is :mod:`hesse.linalg.lanczos` (Rayleigh-Ritz form with full reorthogonalisation
 and thick restart; Wu & Simon 2000, Stathopoulos, Saad & Wu 1998). Because the basis stays
 orthonormal there are no ghost eigenvalues, and every returned residual is computed exactly
-from the stored products, so ``.converged`` is honest: ``|theta - lambda| <= residual`` for
-some eigenvalue ``lambda`` (Bauer-Fike / Kahan bound for symmetric matrices).
+from the stored products. Each value carries a certified error bound: ``|theta - lambda| <=
+residual`` for some eigenvalue ``lambda`` (Bauer-Fike / Kahan for symmetric matrices), and
+``<= residual^2 / gap`` when the rest of the spectrum is ``gap`` away (Kato 1949; Temple
+1928; Parlett, *The Symmetric Eigenvalue Problem*, 11.7), the gap estimated conservatively
+from the other Ritz values; ``.converged`` means the bound is within ``tol |theta|``. No
+``dtype`` certifies below ``10 eps ||A||`` (the precision floor): the solver stops there.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@
 * XTrace (Epperly, Tropp & Webber 2024): every probe both builds the basis and tests the
   rest, by leave-one-out: ``t_i = tr(Q_i^T A Q_i) + w_i^T (I - Q_i Q_i^T) A (I - Q_i Q_i^T) w_i``
   with ``Q_i`` a basis of ``A W`` without column ``i``; estimate = mean of ``t_i``,
-  stderr = std(t_i)/sqrt(m/2) (the paper's error estimate).
+  stderr = std(t_i)/sqrt(m) (the paper's error estimate).
+* Adaptive trace (``rtol``, and the default call): Hutch++ and XTrace grow their budget by
+  doubling, keeping every finished product (:class:`_Sketch`), until the estimator's own
+  stderr is within ``rtol`` of the estimate or the cap is reached; Hutchinson adds chunks.
 * Diagonal: Hutchinson/Bekas et al. (2007) ``diag(A) = E[z * A z]``; XDiag (same paper as
   XTrace) with the same leave-one-out exchange; or exact from identity columns.
 * Frobenius norm: ``||A||_F^2 = E ||A z||^2``.
