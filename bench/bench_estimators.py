@@ -70,7 +70,8 @@ def bench_eigenvalues(A: torch.Tensor, lams: np.ndarray) -> None:
     cold = eigenvalues(drift, k=1, progress=False, seed=1)
     warm = eigenvalues(drift, k=1, v0=top.vectors, progress=False)
     table("warm start (matrix drifted by 1e-3, as between training steps)", ["start", "matvecs", "value"],
-          [["cold", cold.matvecs, f"{float(cold.values[0]):.6f}"], ["warm", warm.matvecs, f"{float(warm.values[0]):.6f}"]])
+          [["cold", cold.matvecs, f"{float(cold.values[0]):.6f}"],
+           ["warm", warm.matvecs, f"{float(warm.values[0]):.6f}"]])
 
 
 def small_cnn_hessian(n: int = 512, seed: int = 0):
@@ -151,8 +152,8 @@ def bench_density(A: torch.Tensor, lams: np.ndarray) -> None:
         probes, steps = res.num_probes, res.lanczos_steps
         m1 = abs(res.moment(1) - lams.mean()) / abs(lams.mean())
         m2 = abs(res.moment(2) - (lams**2).mean()) / (lams**2).mean()
-        rows.append([probes, steps, res.passes, res.matvecs, f"{res.sigma:.3g}", f"{m1:.2e}", f"{m2:.2e}", bulk_outlier_split(res).num_outliers,
-                     f"{time.perf_counter() - t:.2f}"])
+        rows.append([probes, steps, res.passes, res.matvecs, f"{res.sigma:.3g}", f"{m1:.2e}", f"{m2:.2e}",
+                     bulk_outlier_split(res).num_outliers, f"{time.perf_counter() - t:.2f}"])
     table("density (SLQ): moment errors tr(A)/P, tr(A^2)/P; outliers found (true: 10)",
           ["probes", "steps", "passes", "matvecs", "sigma", "m1 rel err", "m2 rel err", "outliers", "seconds"], rows)
     split = bulk_outlier_split(eigenvalues(A, k=25, progress=False))

@@ -83,10 +83,11 @@ class EigenResult(_ResultMixin):
     def __repr__(self) -> str:
         vals = ", ".join(_fmt(v) for v in self.values.tolist())
         flag = " INTERRUPTED" if self.interrupted else ""
+        bounds = self.error_bounds if self.error_bounds is not None else torch.empty(0)
         return (
             f"EigenResult({self.which}, values=[{vals}], converged={self.converged.tolist()}, "
             f"max_residual={_fmt(float(self.residuals.max())) if len(self.residuals) else 'n/a'}, "
-            f"max_error_bound={_fmt(float(self.error_bounds.max())) if self.error_bounds is not None and len(self.error_bounds) else 'n/a'}, "
+            f"max_error_bound={_fmt(float(bounds.max())) if len(bounds) else 'n/a'}, "
             f"matvecs={self.matvecs}, passes={self.passes}, method={self.method}{flag})"
         )
 

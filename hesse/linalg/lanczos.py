@@ -211,24 +211,26 @@ def error_bounds(theta: np.ndarray, res: np.ndarray, n: int, floor: float) -> np
     of an eigenvalue), used only when positive. ``res``: residual norms of all Ritz pairs
     (``inf`` where not computed). Bounds never go below ``floor`` (:func:`precision_floor`).
     """
-    alg = np.argsort(theta, kind="stable")
-    pos = np.empty(len(theta), dtype=int)
-    pos[alg] = np.arange(len(theta))
     out = np.empty(n)
-    for i in range(n):
-        neighbours = [alg[p] for p in (pos[i] - 1, pos[i] + 1) if 0 <= p < len(theta)]
+    for i, neighbours in enumerate(_neighbours(theta, n)):
         gap = min((abs(theta[i] - theta[j]) - res[j] for j in neighbours), default=-1.0)
         bound = min(res[i], res[i] ** 2 / gap) if 0 < gap < np.inf else res[i]
         out[i] = max(bound, floor)
     return out
 
 
-def _with_neighbours(theta: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the first ``n`` Ritz values and of their algebraic neighbours."""
+def _neighbours(theta: np.ndarray, n: int) -> list[list[int]]:
+    """For each of the first ``n`` Ritz values, the indices of its algebraic neighbours
+    (the next smaller and next larger Ritz value, where they exist)."""
     alg = np.argsort(theta, kind="stable")
     pos = np.empty(len(theta), dtype=int)
     pos[alg] = np.arange(len(theta))
-    near = {int(alg[p]) for i in range(n) for p in (pos[i] - 1, pos[i] + 1) if 0 <= p < len(theta)}
+    return [[int(alg[p]) for p in (pos[i] - 1, pos[i] + 1) if 0 <= p < len(theta)] for i in range(n)]
+
+
+def _with_neighbours(theta: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the first ``n`` Ritz values and of their algebraic neighbours."""
+    near = {j for js in _neighbours(theta, n) for j in js}
     return np.array(sorted(near | set(range(n))))
 
 
@@ -286,7 +288,8 @@ class ThickRestart:
             theta, S = lz.ritz(self.which)
             R, done = self._assess(theta, S)
             if lz.dim >= min_dim and done[:k].all() and len(done) >= k:
-                self.reason = "floor" if (self.latest.bounds > self.tol * np.abs(self.latest.values)).any() else "converged"
+                certified = self.latest.bounds <= self.tol * np.abs(self.latest.values)
+                self.reason = "converged" if certified.all() else "floor"
                 return
             if lz.products >= self.max_matvecs or self.restarts_since_best > PATIENCE:
                 self.reason = "max_matvecs" if lz.products >= self.max_matvecs else "stagnated"
