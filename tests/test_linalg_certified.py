@@ -223,3 +223,26 @@ def test_density_defaults_and_resolution():
     assert (explicit.num_probes, explicit.lanczos_steps) == (6, 30) and explicit.ritz_values.shape == (6, 30)
     # 4 probes: the Monte Carlo error of tr(A)/P is about sqrt(2/4) ||A||_F / P
     assert abs(res.moment(1) - NN_LIKE.mean()) <= 3 * np.sqrt(2 / 4) * np.linalg.norm(NN_LIKE) / len(NN_LIKE)
+
+
+class Interrupting(DenseOperator):
+    """Raises KeyboardInterrupt on the n-th operator call, as Ctrl-C would."""
+
+    def __init__(self, matrix, n):
+        super().__init__(matrix)
+        self.n, self.calls = n, 0
+
+    def _matmat(self, V):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return super()._matmat(V)
+
+
+@pytest.mark.parametrize("method", ["hutch++", "xtrace"])
+def test_adaptive_trace_interrupted_keeps_the_last_estimate(method):
+    A, exact = sym_matrix(FLAT, seed=5), float(FLAT.sum())
+    with pytest.warns(NotConvergedWarning, match="trace interrupted"):
+        res = trace(Interrupting(A, n=6), method, rtol=1e-6, max_matvecs=600, progress=False, on_interrupt="return")
+    assert res.interrupted and res.converged is False and res.passes == 5
+    assert abs(res.estimate - exact) <= 5 * res.stderr

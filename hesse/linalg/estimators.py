@@ -23,6 +23,7 @@ returned with ``on_interrupt="return"`` (see :mod:`hesse.errors`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -278,7 +279,9 @@ def _rounds(run: _Run, cap: int, per_probe: int):
 
 
 def _met(result: TraceResult, rtol: float) -> TraceResult:
-    result.rtol, result.converged = rtol, bool(result.stderr <= rtol * abs(result.estimate))
+    """Record the target ``rtol`` and whether ``stderr <= rtol |estimate|`` (never when interrupted)."""
+    met = result.stderr <= rtol * abs(result.estimate) and not result.interrupted
+    result.rtol, result.converged = rtol, bool(met)
     return result
 
 
@@ -314,8 +317,9 @@ def _xtrace_adaptive(run: _Run, cap: int, rtol: float, distribution: str, gen) -
     estimate uses ``H = Q^T A Q = (B^T Q)^T M (B^T Q)`` from the kept products. If the sketch
     is rank deficient, ``B`` holds the whole range of ``A`` and ``tr(M)`` is exact."""
     sketch, Omegas, Ys = _Sketch(run), [], []
-    result = TraceResult(float("nan"), float("inf"), 0, "xtrace", True)
-    run.partial = lambda: result
+    result = TraceResult(float("nan"), float("inf"), 0, "xtrace (interrupted before a first estimate)", True)
+    # on Ctrl-C: the last finished estimate, with the products actually spent
+    run.partial = lambda: dataclasses.replace(result, matvecs=run.matvecs, converged=False)
     for m in _rounds(run, cap, 2):
         Omega = _xtrace_probes(run.op, m, distribution, gen)
         Y = run.apply(Omega)
@@ -329,11 +333,8 @@ def _xtrace_adaptive(run: _Run, cap: int, rtol: float, distribution: str, gen) -
         C = sketch.B.T @ Q
         est, err = _xtrace_from(Om, Yall, Q, R, W, S, C.T @ sketch.M() @ C, distribution)
         result = _met(TraceResult(est, err, run.matvecs, "xtrace"), rtol)
-        run.partial = lambda: TraceResult(result.estimate, result.stderr, result.matvecs, "xtrace", True,
-                                          rtol=rtol, converged=False)
         if result.converged:
             break
-    result.matvecs = run.matvecs
     return result
 
 
