@@ -4,7 +4,11 @@ A dense ``P x P`` matrix with an NN-Hessian-like spectrum (ten outliers, a bulk 
 a few negative eigenvalues; Sagun et al. 2017, Ghorbani et al. 2019) stands in for a
 curvature operator, so exact answers are known. Prints one table per estimator.
 
-    python bench/bench_estimators.py [--size 2000] [--threads 1]
+Also ``--only block``: passes, products and time of ``eigenvalues`` by block size on that
+matrix and on ``hesse.Hessian`` of a small CNN (the measurement behind the default
+``block_size=min(k, 4)``). Count passes and products; time only on a quiet machine.
+
+    python bench/bench_estimators.py [--size 2000] [--threads 1] [--only block]
 """
 
 from __future__ import annotations
