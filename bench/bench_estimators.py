@@ -4,7 +4,11 @@ A dense ``P x P`` matrix with an NN-Hessian-like spectrum (ten outliers, a bulk 
 a few negative eigenvalues; Sagun et al. 2017, Ghorbani et al. 2019) stands in for a
 curvature operator, so exact answers are known. Prints one table per estimator.
 
-    python bench/bench_estimators.py [--size 2000] [--threads 1]
+Also ``--only block``: passes, products and time of ``eigenvalues`` by block size on that
+matrix and on ``hesse.Hessian`` of a small CNN (the measurement behind the default
+``block_size=min(k, 4)``). Count passes and products; time only on a quiet machine.
+
+    python bench/bench_estimators.py [--size 2000] [--threads 1] [--only block]
 """
 
 from __future__ import annotations
@@ -50,40 +54,81 @@ def bench_eigenvalues(A: torch.Tensor, lams: np.ndarray) -> None:
     desc, asc = np.sort(lams)[::-1], np.sort(lams)
     for which, k, method in [("largest", 1, "lanczos"), ("largest", 5, "lanczos"), ("largest", 10, "lanczos"),
                              ("smallest", 5, "lanczos"), ("largest", 1, "power"), ("largest", 5, "power"),
-                             ("largest", 5, "lanczos-block2")]:
+                             ("largest", 5, "lanczos-block1")]:
         exact = (desc if which == "largest" else asc)[:k]
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotConvergedWarning)
-            if method == "lanczos-block2":
-                res = eigenvalues(A, k=k, which=which, block_size=2, progress=False)
+            if method == "lanczos-block1":
+                res = eigenvalues(A, k=k, which=which, block_size=1, progress=False)
             else:
                 res = eigenvalues(A, k=k, which=which, method=method, progress=False)
         err = np.max(np.abs(res.values.numpy() - exact) / np.abs(exact))
-        rows.append([which, k, method, res.matvecs, f"{err:.1e}", bool(res.converged.all()),
+        rows.append([which, k, method, res.passes, res.matvecs, f"{err:.1e}", bool(res.converged.all()),
                      f"{time.perf_counter() - t:.2f}"])
-    table("eigenvalues (default tol=1e-4; error = max relative error)",
-          ["which", "k", "method", "matvecs", "max rel err", "converged", "seconds"], rows)
+    table("eigenvalues (default tol=1e-3 certified, block_size=min(k, 4); error = max relative error)",
+          ["which", "k", "method", "passes", "matvecs", "max rel err", "converged", "seconds"], rows)
 
     top = eigenvalues(A, k=1, progress=False)
     drift = A + 1e-3 * matrix_with_spectrum(np.random.default_rng(9).normal(size=len(lams)), seed=9)
     cold = eigenvalues(drift, k=1, progress=False, seed=1)
     warm = eigenvalues(drift, k=1, v0=top.vectors, progress=False)
     table("warm start (matrix drifted by 1e-3, as between training steps)", ["start", "matvecs", "value"],
-          [["cold", cold.matvecs, f"{float(cold.values[0]):.6f}"], ["warm", warm.matvecs, f"{float(warm.values[0]):.6f}"]])
+          [["cold", cold.matvecs, f"{float(cold.values[0]):.6f}"],
+           ["warm", warm.matvecs, f"{float(warm.values[0]):.6f}"]])
+
+
+def small_cnn_hessian(n: int = 512, seed: int = 0):
+    """``hesse.Hessian`` of a small CNN (about 3k parameters, ``n`` 12x12 images in 4 batches)."""
+    import hesse
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(72, 10))
+    X, y = torch.randn(n, 1, 12, 12), torch.randint(0, 10, (n,))
+    batches = [(X[i:i + n // 4], y[i:i + n // 4]) for i in range(0, n, n // 4)]
+    return hesse.Hessian(model, nn.CrossEntropyLoss(), batches)
+
+
+def bench_block_size(A: torch.Tensor, lams: np.ndarray, repeats: int = 3) -> None:
+    """Passes, products and time of eigenvalues() by block size, on the dense NN-like matrix
+    and on a small CNN's Hessian (float32; reference: a tol=1e-9 run in float64 accumulation)."""
+    H = small_cnn_hessian()
+    ref_h = eigenvalues(H, k=10, tol=1e-7, block_size=1, accumulate=torch.float64, progress=False).values.numpy()
+    rows = []
+    for name, op, ref in [("dense", A, np.sort(lams)[::-1]), ("cnn", H, ref_h)]:
+        for k in (1, 5, 10):
+            for b in (1, 2, 4, 8):
+                if b > max(k, 1) * 2 or (k == 1 and b > 1):
+                    continue
+                times = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", NotConvergedWarning)
+                        res = eigenvalues(op, k=k, block_size=b, progress=False)
+                    times.append(time.perf_counter() - t)
+                err = np.max(np.abs(res.values.numpy() - ref[:k]) / np.abs(ref[:k]))
+                rows.append([name, k, b, res.passes, res.matvecs, f"{err:.1e}", bool(res.converged.all()),
+                             f"{min(times):.2f}"])
+    table("eigenvalues by block size (default tol=1e-3; seconds: best of repeats)",
+          ["operator", "k", "block", "passes", "matvecs", "max rel err", "converged", "seconds"], rows)
 
 
 def bench_trace(A: torch.Tensor, lams: np.ndarray, seeds: int = 8) -> None:
     exact = float(lams.sum())
     rows = []
     for method in ["hutchinson", "hutch++", "xtrace"]:
-        for budget in [30, 99, 300]:
-            res = [trace(A, method, budget=budget, seed=s, progress=False) for s in range(seeds)]
+        for budget in [30, 99, 300, None]:
+            kw = {"budget": budget} if budget is not None else ({} if method != "hutchinson" else {"rtol": 0.01})
+            res = [trace(A, method, seed=s, progress=False, **kw) for s in range(seeds)]
             errs = np.array([r.estimate - exact for r in res]) / abs(exact)
             se = np.mean([r.stderr for r in res]) / abs(exact)
-            rows.append([method, budget, f"{np.sqrt(np.mean(errs**2)):.2e}", f"{se:.2e}"])
+            rows.append([method, budget or "rtol=0.01", f"{np.mean([r.matvecs for r in res]):.0f}",
+                         f"{np.mean([r.passes for r in res]):.1f}", f"{np.sqrt(np.mean(errs**2)):.2e}", f"{se:.2e}"])
     table(f"trace (exact {exact:.4g}; relative rms error over {seeds} seeds vs mean reported stderr)",
-          ["method", "budget", "rms rel err", "reported"], rows)
+          ["method", "budget", "matvecs", "passes", "rms rel err", "reported"], rows)
 
 
 def bench_diagonal_and_norm(A: torch.Tensor, lams: np.ndarray) -> None:
@@ -104,15 +149,17 @@ def bench_diagonal_and_norm(A: torch.Tensor, lams: np.ndarray) -> None:
 
 def bench_density(A: torch.Tensor, lams: np.ndarray) -> None:
     rows = []
-    for probes, steps in [(5, 50), (10, 90)]:
+    for probes, steps in [(None, None), (5, 50), (10, 90)]:
         t = time.perf_counter()
-        res = density(A, num_probes=probes, lanczos_steps=steps, progress=False)
+        kw = {} if probes is None else {"num_probes": probes, "lanczos_steps": steps}
+        res = density(A, progress=False, **kw)
+        probes, steps = res.num_probes, res.lanczos_steps
         m1 = abs(res.moment(1) - lams.mean()) / abs(lams.mean())
         m2 = abs(res.moment(2) - (lams**2).mean()) / (lams**2).mean()
-        rows.append([probes, steps, res.matvecs, f"{m1:.2e}", f"{m2:.2e}", bulk_outlier_split(res).num_outliers,
-                     f"{time.perf_counter() - t:.2f}"])
+        rows.append([probes, steps, res.passes, res.matvecs, f"{res.sigma:.3g}", f"{m1:.2e}", f"{m2:.2e}",
+                     bulk_outlier_split(res).num_outliers, f"{time.perf_counter() - t:.2f}"])
     table("density (SLQ): moment errors tr(A)/P, tr(A^2)/P; outliers found (true: 10)",
-          ["probes", "steps", "matvecs", "m1 rel err", "m2 rel err", "outliers", "seconds"], rows)
+          ["probes", "steps", "passes", "matvecs", "sigma", "m1 rel err", "m2 rel err", "outliers", "seconds"], rows)
     split = bulk_outlier_split(eigenvalues(A, k=25, progress=False))
     print(f"bulk_outlier_split on top-25 Lanczos eigenvalues: {split}")
 
@@ -135,6 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for small dense products)")
+    parser.add_argument("--only", default=None, help="run only this part (eigenvalues, block, trace, density, ...)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -142,11 +190,12 @@ def main() -> None:
     A = matrix_with_spectrum(lams)
     print(f"# hesse spectral estimators on a {args.size}x{args.size} NN-like spectrum "
           f"(top {lams.max():.4g}, bottom {lams.min():.4g}, trace {lams.sum():.4g})")
-    bench_eigenvalues(A, lams)
-    bench_trace(A, lams)
-    bench_diagonal_and_norm(A, lams)
-    bench_density(A, lams)
-    bench_per_layer(A)
+    parts = {"eigenvalues": lambda: bench_eigenvalues(A, lams), "block": lambda: bench_block_size(A, lams),
+             "trace": lambda: bench_trace(A, lams), "diagonal": lambda: bench_diagonal_and_norm(A, lams),
+             "density": lambda: bench_density(A, lams), "per_layer": lambda: bench_per_layer(A)}
+    for name, part in parts.items():
+        if args.only in (None, name):
+            part()
     print(f"\ntotal {time.perf_counter() - start:.1f}s")
 
 

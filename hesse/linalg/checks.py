@@ -17,8 +17,11 @@ from hesse.operators import LinearOperator, as_operator
 def prepare_operator(obj, check_symmetric: bool, seed: int) -> tuple[LinearOperator, int]:
     """``as_operator(obj)``, checked to be square and (optionally) symmetric.
 
-    The symmetry test compares ``y^T A x`` with ``x^T A y`` for two Gaussian vectors.
-    Returns the operator and the number of single-vector products the check used (0 or 2).
+    The symmetry test compares ``y^T A x`` with ``x^T A y`` for two Gaussian vectors (one
+    operator call with 2 columns). It is skipped for operators that are symmetric by
+    construction (``op.symmetric_by_construction``: ``hesse.Hessian``, ``GGN``, ``Fisher``
+    and their block views), where it would only cost a data pass. Returns the operator and
+    the number of single-vector products the check used (0 or 2; one pass when 2).
     """
     op = as_operator(obj)
     if len(op.shape) != 2 or op.shape[0] != op.shape[1]:
@@ -28,7 +31,7 @@ def prepare_operator(obj, check_symmetric: bool, seed: int) -> tuple[LinearOpera
         )
     if op.shape[0] < 1:
         raise HesseError("the operator is empty (P = 0); select at least one parameter.")
-    if not check_symmetric:
+    if not check_symmetric or op.symmetric_by_construction:
         return op, 0
     gen = torch.Generator().manual_seed(seed + 7919)
     XY = torch.randn(op.shape[0], 2, generator=gen, dtype=torch.float64).to(op.dtype).to(op.device)

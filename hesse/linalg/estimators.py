@@ -7,7 +7,10 @@
 * XTrace (Epperly, Tropp & Webber 2024): every probe both builds the basis and tests the
   rest, by leave-one-out: ``t_i = tr(Q_i^T A Q_i) + w_i^T (I - Q_i Q_i^T) A (I - Q_i Q_i^T) w_i``
   with ``Q_i`` a basis of ``A W`` without column ``i``; estimate = mean of ``t_i``,
-  stderr = std(t_i)/sqrt(m/2) (the paper's error estimate).
+  stderr = std(t_i)/sqrt(m) (the paper's error estimate).
+* Adaptive trace (``rtol``, and the default call): Hutch++ and XTrace grow their budget by
+  doubling, keeping every finished product (:class:`_Sketch`), until the estimator's own
+  stderr is within ``rtol`` of the estimate or the cap is reached; Hutchinson adds chunks.
 * Diagonal: Hutchinson/Bekas et al. (2007) ``diag(A) = E[z * A z]``; XDiag (same paper as
   XTrace) with the same leave-one-out exchange; or exact from identity columns.
 * Frobenius norm: ``||A||_F^2 = E ||A z||^2``.
@@ -20,6 +23,7 @@ returned with ``on_interrupt="return"`` (see :mod:`hesse.errors`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -28,6 +32,7 @@ import torch
 from hesse._progress import progress_bar
 from hesse.errors import HesseError, check_on_interrupt, interrupted
 from hesse.linalg.checks import check_choice, check_positive, prepare_operator
+from hesse.linalg.lanczos import orthonormalize_against
 from hesse.linalg.probes import DEFAULT_CHUNK, DISTRIBUTIONS, isotropic_probes
 from hesse.operators import LinearOperator
 from hesse.results import DiagonalResult, NormResult, TraceResult
@@ -37,6 +42,10 @@ DIAG_METHODS = ("hutchinson", "xdiag", "exact")
 MIN_BUDGET = {"hutchinson": 2, "hutch++": 3, "xtrace": 4, "xdiag": 4}
 DEFAULT_BUDGET = 99
 RTOL_MAX_BUDGET = 10_000
+DEFAULT_RTOL = 0.01  # trace(op) with no budget: about 1%
+DEFAULT_MAX_MATVECS = 300  # ... within at most this many products
+MIN_ADAPTIVE = 30  # adaptive Hutchinson trusts its stderr from this many samples on
+START_PROBES = 10  # probes of the first adaptive round (enough for a first stderr)
 
 
 class _Run:
@@ -44,7 +53,7 @@ class _Run:
 
     def __init__(self, op: LinearOperator, chunk_size: int, bar):
         self.op, self.chunk_size, self.bar = op, chunk_size, bar
-        self.matvecs, self.done = 0, 0
+        self.matvecs, self.done, self.calls = 0, 0, 0
         self.out = torch.empty(op.size, 0, dtype=op.dtype, device=op.device)
         self.finished_diagonal = torch.empty(0, dtype=torch.float64)  # exact diagonal entries so far
         self.partial: Callable[[], object] = lambda: None
@@ -55,7 +64,7 @@ class _Run:
         for start in range(0, X.shape[1], self.chunk_size):
             stop = min(start + self.chunk_size, X.shape[1])
             self.out[:, start:stop] = self.op.matmat(X[:, start:stop])
-            self.done, self.matvecs = stop, self.matvecs + stop - start
+            self.done, self.matvecs, self.calls = stop, self.matvecs + stop - start, self.calls + 1
             self.bar.update(stop - start)
         return self.out
 
@@ -73,9 +82,9 @@ def _run_guarded(op: LinearOperator, used: int, chunk_size: int, total: int, des
             result = algorithm(run)
         except KeyboardInterrupt as error:
             partial = run.partial()
-            partial.matvecs += used
+            partial.matvecs, partial.passes = partial.matvecs + used, run.calls + (used > 0)
             return interrupted(error, partial, on_interrupt, desc.split(" ")[0])
-    result.matvecs += used
+    result.matvecs, result.passes = result.matvecs + used, run.calls + (used > 0)
     return result
 
 
@@ -106,6 +115,7 @@ def trace(
     *,
     budget: int | None = None,
     rtol: float | None = None,
+    max_matvecs: int | None = None,
     seed: int = 0,
     distribution: str = "rademacher",
     chunk_size: int = DEFAULT_CHUNK,
@@ -113,39 +123,67 @@ def trace(
     progress: bool | None = None,
     on_interrupt: str = "raise",
 ) -> TraceResult:
-    """Estimate ``tr(A)`` with ``budget`` single-vector products (default 99).
+    """Estimate ``tr(A)``: to a target relative accuracy, or with a fixed budget.
 
     ``method``: ``"hutch++"`` (default; best when a few large eigenvalues dominate, as in
-    NN Hessians), ``"xtrace"`` (same spectra, about 2x fewer products for the same error)
-    or ``"hutchinson"`` (unbiased, error ``~ ||A||_F / sqrt(m)``). With ``rtol`` (Hutchinson
-    only) probes are added chunk by chunk until ``stderr <= rtol * |estimate|`` or
-    ``budget`` (default 10000) products are used. When ``P <= budget`` the trace is computed
-    exactly from ``P`` identity columns (``method="exact"``, ``stderr = 0``).
+    NN Hessians), ``"xtrace"`` (same spectra, often fewer products for the same error) or
+    ``"hutchinson"`` (unbiased, error ``~ ||A||_F / sqrt(m)``).
+
+    Adaptive (``rtol``; the default when neither ``budget`` nor ``rtol`` is given is
+    ``rtol=0.01`` capped at ``max_matvecs=300``): the budget grows by doubling, reusing every
+    finished product, until the estimator's own error estimate ``stderr <= rtol |estimate|``
+    or ``max_matvecs`` products (default 300; 10000 when ``rtol`` is given) are used.
+    ``.converged`` says whether the target was met, ``.stderr`` is the error bar reached.
+    Hutch++ grows an orthonormal sketch basis ``B`` of ``range(A S)`` (its products kept, so
+    ``tr(B^T A B)`` is exact) and estimates the rest by Hutchinson probes deflated against
+    the current ``B`` (Meyer et al. 2021; adaptive variant in the spirit of Persson,
+    Cortinovis & Kressner 2022); XTrace adds probes and recomputes its leave-one-out
+    estimate and error estimate (Epperly, Tropp & Webber 2024) from all of them.
+    Fixed (``budget=m``, no ``rtol``): exactly the original algorithms with ``m`` products.
+    When ``P`` is at most the budget (adaptively: at most ``min(max_matvecs, 300)``) the
+    trace is computed exactly from ``P`` identity columns (``method="exact"``, ``stderr = 0``).
     Ctrl-C: see the module docstring (``on_interrupt``).
     """
     check_choice("method", method, TRACE_METHODS)
     _check_common(budget, distribution, chunk_size, on_interrupt)
     if rtol is not None:
         check_positive("rtol", rtol)
-        if method != "hutchinson":
-            raise HesseError(
-                f"rtol (adaptive stopping) works with method='hutchinson' only, not {method!r}; "
-                "pass budget=... instead, or use method='hutchinson'."
-            )
-    budget = budget if budget is not None else (RTOL_MAX_BUDGET if rtol is not None else DEFAULT_BUDGET)
-    _check_budget(method, budget)
+    if max_matvecs is not None:
+        check_positive("max_matvecs", max_matvecs, integer=True)
+    adaptive = rtol is not None or budget is None
+    cap = _trace_cap(budget, rtol, max_matvecs)
+    rtol = DEFAULT_RTOL if adaptive and rtol is None else rtol
+    _check_budget(method, cap)
     op, used = prepare_operator(op, check_symmetric, seed)
     gen = torch.Generator().manual_seed(seed)
-    if op.size <= budget:  # P identity columns cost no more than the probes: be exact
-        method = "exact"
-    algorithm = {
-        "exact": lambda run: _exact_trace(run, gen),
-        "hutchinson": lambda run: _hutchinson(run, budget, rtol, distribution, gen),
-        "hutch++": lambda run: _hutchpp(run, budget, distribution, gen),
-        "xtrace": lambda run: _xtrace(run, budget, distribution, gen),
-    }[method]
-    total = op.size if method == "exact" else budget
+    if op.size <= (min(cap, DEFAULT_MAX_MATVECS) if adaptive else cap):  # P identity columns cost no more
+        method = "exact"  # than the probes (adaptively: than the default cap): be exact
+    algorithm = _trace_algorithm(method, adaptive, cap, rtol, distribution, gen)
+    total = op.size if method == "exact" else cap
     return _run_guarded(op, used, chunk_size, total, f"trace ({method})", progress, on_interrupt, algorithm)
+
+
+def _trace_cap(budget: int | None, rtol: float | None, max_matvecs: int | None) -> int:
+    """Products allowed: ``max_matvecs``, else ``budget``, else 10000 with an explicit
+    ``rtol`` or 300 for the default call."""
+    if max_matvecs is not None:
+        return max_matvecs
+    if budget is not None:
+        return budget
+    return RTOL_MAX_BUDGET if rtol is not None else DEFAULT_MAX_MATVECS
+
+
+def _trace_algorithm(method: str, adaptive: bool, cap: int, rtol: float | None, distribution: str, gen):
+    """The algorithm to run on a :class:`_Run` for these settings."""
+    if method == "exact":
+        return lambda run: _exact_trace(run, gen)
+    if method == "hutchinson":
+        return lambda run: _hutchinson(run, cap, rtol, distribution, gen)
+    if adaptive:
+        grow = _hutchpp_adaptive if method == "hutch++" else _xtrace_adaptive
+        return lambda run: grow(run, cap, rtol, distribution, gen)
+    return {"hutch++": lambda run: _hutchpp(run, cap, distribution, gen),
+            "xtrace": lambda run: _xtrace(run, cap, distribution, gen)}[method]
 
 
 def _hutchinson_trace(Z: torch.Tensor, AZ: torch.Tensor, matvecs: int, method: str, stopped: bool) -> TraceResult:
@@ -159,17 +197,16 @@ def _hutchinson(run: _Run, budget: int, rtol: float | None, distribution: str, g
 
     def estimate(stopped: bool) -> TraceResult:
         est, err = _mean_stderr(torch.cat(samples) if samples else torch.empty(0))
-        return TraceResult(est, err, run.matvecs, "hutchinson", stopped)
+        met = None if rtol is None else bool(run.matvecs >= MIN_ADAPTIVE and err <= rtol * abs(est))
+        return TraceResult(est, err, run.matvecs, "hutchinson", stopped, rtol=rtol, converged=met)
 
     run.partial = lambda: estimate(True)
     while run.matvecs < budget:
         Z = isotropic_probes(run.op, min(run.chunk_size, budget - run.matvecs), distribution, generator=gen)
         AZ = run.apply(Z)
         samples.append((Z * AZ).sum(0).to(torch.float64).cpu())
-        if rtol is not None:
-            est, err = _mean_stderr(torch.cat(samples))
-            if run.matvecs >= 30 and err <= rtol * abs(est):
-                break
+        if rtol is not None and estimate(False).converged:
+            break
     return estimate(False)
 
 
@@ -197,6 +234,110 @@ def _hutchpp(run: _Run, budget: int, distribution: str, gen) -> TraceResult:
     return estimate(False)
 
 
+class _Sketch:
+    """An orthonormal basis ``B`` (float64) of the sketched range with its products ``AB``.
+
+    Every vector in ``span(B)`` has a known product, so ``M = B^T A B`` is exact and grows
+    with the basis; products are never recomputed when the budget grows.
+    """
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.B = torch.empty(run.op.size, 0, dtype=torch.float64, device=run.op.device)
+        self.AB = torch.empty_like(self.B)
+
+    def extend(self, Y: torch.Tensor) -> None:
+        """Add ``orth(Y)`` (orthogonalised against ``B``) and its products."""
+        Q, _ = orthonormalize_against(Y.to(torch.float64), self.B)
+        AQ = self.run.apply(Q.to(self.run.op.dtype)).to(torch.float64)
+        self.B, self.AB = torch.cat([self.B, Q], 1), torch.cat([self.AB, AQ], 1)
+
+    def M(self) -> torch.Tensor:
+        M = self.B.T @ self.AB
+        return (M + M.T) / 2
+
+    def deflated_forms(self, G: torch.Tensor, AG: torch.Tensor) -> torch.Tensor:
+        """``x^T A x`` for ``x = (I - B B^T) g`` of every column ``g`` of ``G``, from ``A g``.
+
+        ``x^T A x = g^T A g - 2 c^T (B^T A g) + c^T M c`` with ``c = B^T g``: exact for the
+        current ``B`` even when ``g`` was multiplied before ``B`` grew."""
+        c, d = self.B.T @ G, self.B.T @ AG
+        return ((G * AG).sum(0) - 2 * (c * d).sum(0) + (c * (self.M() @ c)).sum(0)).cpu()
+
+
+def _rounds(run: _Run, cap: int, per_probe: int):
+    """Probe counts of the adaptive rounds: ``START_PROBES``, then doubling the total, while
+    ``per_probe`` products per probe fit under ``cap``."""
+    total, m = 0, START_PROBES
+    while True:
+        m = min(m, (cap - run.matvecs) // per_probe)
+        if m < 1:
+            return
+        yield m
+        total += m
+        m = total
+
+
+def _met(result: TraceResult, rtol: float) -> TraceResult:
+    """Record the target ``rtol`` and whether ``stderr <= rtol |estimate|`` (never when interrupted)."""
+    met = result.stderr <= rtol * abs(result.estimate) and not result.interrupted
+    result.rtol, result.converged = rtol, bool(met)
+    return result
+
+
+def _hutchpp_adaptive(run: _Run, cap: int, rtol: float, distribution: str, gen) -> TraceResult:
+    """Hutch++ with a growing budget: each round adds ``m`` sketch probes (``B`` grows by
+    ``orth(A S)``) and ``m`` Hutchinson probes deflated against ``B``; all earlier probes are
+    re-deflated against the grown ``B`` (:meth:`_Sketch.deflated_forms`), no product is lost."""
+    sketch, Gs, AGs = _Sketch(run), [], []
+
+    def estimate(stopped: bool) -> TraceResult:
+        forms = sketch.deflated_forms(torch.cat(Gs, 1), torch.cat(AGs, 1)) if Gs else torch.empty(0)
+        rest, err = _mean_stderr(forms)
+        exact_part = float(torch.trace(sketch.M()))
+        return _met(TraceResult(exact_part + (rest if forms.numel() else 0.0), err, run.matvecs, "hutch++",
+                                stopped), rtol)
+
+    run.partial = lambda: estimate(True)
+    for m in _rounds(run, cap, 3):
+        S = isotropic_probes(run.op, m, distribution, generator=gen)
+        sketch.extend(run.apply(S))
+        G = isotropic_probes(run.op, m, distribution, generator=gen).to(torch.float64)
+        G = G - sketch.B @ (sketch.B.T @ G)
+        AG = run.apply(G.to(run.op.dtype)).to(torch.float64)
+        Gs, AGs = Gs + [G], AGs + [AG]
+        if estimate(False).converged:
+            break
+    return estimate(False)
+
+
+def _xtrace_adaptive(run: _Run, cap: int, rtol: float, distribution: str, gen) -> TraceResult:
+    """XTrace with a growing number of probes: each round adds ``m`` probes ``Omega`` (``m``
+    products) and extends ``B`` by ``orth(A Omega)`` (``m`` products); the leave-one-out
+    estimate uses ``H = Q^T A Q = (B^T Q)^T M (B^T Q)`` from the kept products. If the sketch
+    is rank deficient, ``B`` holds the whole range of ``A`` and ``tr(M)`` is exact."""
+    sketch, Omegas, Ys = _Sketch(run), [], []
+    result = TraceResult(float("nan"), float("inf"), 0, "xtrace (interrupted before a first estimate)", True)
+    # on Ctrl-C: the last finished estimate, with the products actually spent
+    run.partial = lambda: dataclasses.replace(result, matvecs=run.matvecs, converged=False)
+    for m in _rounds(run, cap, 2):
+        Omega = _xtrace_probes(run.op, m, distribution, gen)
+        Y = run.apply(Omega)
+        sketch.extend(Y)
+        Omegas, Ys = Omegas + [Omega], Ys + [Y]
+        Om, Yall = torch.cat(Omegas, 1), torch.cat(Ys, 1)
+        try:
+            Q, R, W, S = _leave_one_out(Om, Yall, "")
+        except HesseError:  # rank(A) < probes: the sketch holds the whole range
+            return _met(TraceResult(float(torch.trace(sketch.M())), 0.0, run.matvecs, "xtrace"), rtol)
+        C = sketch.B.T @ Q
+        est, err = _xtrace_from(Om, Yall, Q, R, W, S, C.T @ sketch.M() @ C, distribution)
+        result = _met(TraceResult(est, err, run.matvecs, "xtrace"), rtol)
+        if result.converged:
+            break
+    return result
+
+
 def _leave_one_out(Omega: torch.Tensor, Y: torch.Tensor, alternative: str):
     """Shared XTrace/XDiag quantities: ``Q, R`` of ``Y = A Omega``, ``W = Q^T Omega`` and the
     unit vectors ``s_i ~ R^{-T} e_i`` with ``Q s_i`` orthogonal to all columns of ``Y`` but ``i``."""
@@ -213,17 +354,19 @@ def _leave_one_out(Omega: torch.Tensor, Y: torch.Tensor, alternative: str):
     return Q, R, Q.T @ Omega.to(torch.float64), S
 
 
-def _xtrace(run: _Run, budget: int, distribution: str, gen) -> TraceResult:
-    m, P = budget // 2, run.op.size
-    Omega = isotropic_probes(run.op, m, distribution, generator=gen)
-    if distribution == "gaussian":  # uniform on the sphere of radius sqrt(P), as in the paper
-        Omega = Omega * (math.sqrt(P) / Omega.norm(dim=0))
-    label = "xtrace (interrupted: hutchinson on finished probes)"
-    run.partial = lambda: _hutchinson_trace(Omega, run.finished(), run.matvecs, label, True)
-    Y = run.apply(Omega)
-    Q, R, W, S = _leave_one_out(Omega, Y, "method='hutch++' (exact for low rank)")
-    run.partial = lambda: _hutchinson_trace(Omega, Y, run.matvecs, label, True)
-    H = Q.T @ run.apply(Q.to(run.op.dtype)).to(torch.float64)
+def _xtrace_probes(op: LinearOperator, m: int, distribution: str, gen) -> torch.Tensor:
+    """XTrace probes; Gaussian ones are put on the sphere of radius ``sqrt(P)`` (the paper)."""
+    Omega = isotropic_probes(op, m, distribution, generator=gen)
+    if distribution == "gaussian":
+        Omega = Omega * (math.sqrt(op.size) / Omega.norm(dim=0))
+    return Omega
+
+
+def _xtrace_from(Omega: torch.Tensor, Y: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, W: torch.Tensor,
+                 S: torch.Tensor, H: torch.Tensor, distribution: str) -> tuple[float, float]:
+    """The XTrace estimate and its error estimate ``std(t_i) / sqrt(m)`` from the probes
+    ``Omega``, ``Y = A Omega`` and its QR, the leave-one-out vectors ``S`` and ``H = Q^T A Q``."""
+    P, m = Omega.shape
     H = (H + H.T) / 2
     Omega, Y = Omega.to(torch.float64), Y.to(torch.float64)
     c = (S * W).sum(0)
@@ -234,7 +377,18 @@ def _xtrace(run: _Run, budget: int, distribution: str, gen) -> TraceResult:
     per_probe = (
         torch.trace(H) - (S * (H @ S)).sum(0) + (Omega * Y).sum(0) - 2 * (R * D).sum(0) + (D * (H @ D)).sum(0)
     ).cpu()
-    est, err = _mean_stderr(per_probe)
+    return _mean_stderr(per_probe)
+
+
+def _xtrace(run: _Run, budget: int, distribution: str, gen) -> TraceResult:
+    Omega = _xtrace_probes(run.op, budget // 2, distribution, gen)
+    label = "xtrace (interrupted: hutchinson on finished probes)"
+    run.partial = lambda: _hutchinson_trace(Omega, run.finished(), run.matvecs, label, True)
+    Y = run.apply(Omega)
+    Q, R, W, S = _leave_one_out(Omega, Y, "method='hutch++' (exact for low rank)")
+    run.partial = lambda: _hutchinson_trace(Omega, Y, run.matvecs, label, True)
+    H = Q.T @ run.apply(Q.to(run.op.dtype)).to(torch.float64)
+    est, err = _xtrace_from(Omega, Y, Q, R, W, S, H, distribution)
     return TraceResult(est, err, run.matvecs, "xtrace", False)
 
 
@@ -268,7 +422,7 @@ def _exact_diagonal(run: _Run, partial: Callable[[], object] | None = None,
         E = torch.zeros(P, stop - start, dtype=op.dtype, device=op.device)
         E[rows, cols] = 1
         diag[order[start:stop]] = op.matmat(E)[rows, cols].to(torch.float64).cpu()
-        run.matvecs, run.finished_diagonal = stop, diag[order[:stop]]
+        run.matvecs, run.finished_diagonal, run.calls = stop, diag[order[:stop]], run.calls + 1
         run.bar.update(stop - start)
     return DiagonalResult(diag, None, run.matvecs, "exact", False)
 

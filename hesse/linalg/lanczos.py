@@ -15,7 +15,7 @@ every recurrence and each step costs ONE call of ``matmat`` on ``[N, c]``. It se
 
 * :func:`hesse.linalg.eigenvalues`: ``K = 1``, blocks of ``c = block_size`` directions and
   thick restart (Wu & Simon 2000; Stathopoulos, Saad & Wu 1998), driven by
-  :func:`thick_restart`;
+  :class:`ThickRestart`, which stops on certified :func:`error_bounds`;
 * :func:`hesse.linalg.density` (stochastic Lanczos quadrature): ``K`` probes, each in its
   own copy of ``R^P`` (``N = K P``), driven by :func:`krylov_steps` and read by
   :func:`gauss_quadrature`;
@@ -26,6 +26,7 @@ every recurrence and each step costs ONE call of ``matmat`` on ``[N, c]``. It se
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -85,6 +86,7 @@ class Lanczos:
         self.lengths = np.zeros(K, dtype=int)  # columns in each recurrence's basis
         self.active = np.ones(K, dtype=bool)
         self.products = 0  # columns passed to matmat
+        self.calls = 0  # calls of matmat (data passes)
 
     @property
     def dim(self) -> int:
@@ -150,6 +152,7 @@ class Lanczos:
         # assign together so an interrupt never leaves V, W, H inconsistent
         self.V, self.W, self.H, self.AQ, self.lengths = V, W, H, AQ, lengths
         self.products += c
+        self.calls += 1
         return c
 
     def ritz(self, which: str, k: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -159,12 +162,12 @@ class Lanczos:
         idx = order(theta, which)
         return theta[idx], S[:, idx]
 
-    def ritz_pairs(self, theta: np.ndarray, S: np.ndarray, n: int):
-        """The first ``n`` Ritz vectors ``Y = V S``, residuals ``R = A Y - Y theta`` and their
+    def ritz_pairs(self, theta: np.ndarray, S: np.ndarray, cols: np.ndarray):
+        """The Ritz vectors ``Y = V S[:, cols]``, residuals ``R = A Y - Y theta`` and their
         exact norms (single recurrence with ``keep_products``)."""
-        Sn = torch.from_numpy(np.ascontiguousarray(S[:, :n])).to(self.dtype).to(self.device)
+        Sn = torch.from_numpy(np.ascontiguousarray(S[:, cols])).to(self.dtype).to(self.device)
         Y, AY = self.V @ Sn, self.W @ Sn
-        R = AY - Y * torch.as_tensor(theta[:n], dtype=Y.dtype, device=Y.device)
+        R = AY - Y * torch.as_tensor(theta[cols], dtype=Y.dtype, device=Y.device)
         return Y, R, _numpy(R.norm(dim=0))
 
     def compress(self, S_keep: np.ndarray, theta_keep: np.ndarray) -> None:
@@ -183,39 +186,137 @@ def order(theta: np.ndarray, which: str) -> np.ndarray:
     return np.argsort(-np.abs(theta), kind="stable")
 
 
-def converged(
-    residuals: np.ndarray, theta: np.ndarray, anorm: float, tol: float, dtype: torch.dtype
-) -> np.ndarray:
-    """The convergence rule ``||A y - theta y|| <= max(tol |theta|, 10 eps ||A||)``."""
-    return residuals <= np.maximum(tol * np.abs(theta), 10 * torch.finfo(dtype).eps * anorm)
+FLOOR_FACTOR = 10  # the precision floor is FLOOR_FACTOR * eps * ||A||
+PATIENCE = 4  # restarts without a better error bound before giving up
 
 
-def thick_restart(
-    lz: Lanczos, k: int, which: str, tol: float, max_matvecs: int, start: torch.Tensor, b: int, ncv: int,
-    on_step: Callable[[int], None] = lambda n: None,
-) -> None:
-    """Thick-restart (block) Lanczos for the ``k`` wanted eigenpairs of a single recurrence.
+def precision_floor(anorm: float, dtype: torch.dtype) -> float:
+    """The smallest eigenvalue error a ``dtype`` operator can certify: ``10 eps ||A||``.
 
-    ``start`` has at least ``b`` (block size) columns. The basis grows by the residuals of the wanted unconverged Ritz pairs (for a Krylov
-    space they all point along the next Lanczos vector, so one column per step *is*
-    Lanczos); when it would exceed ``ncv`` columns only the best ``keep`` Ritz vectors stay.
-    Stops when the ``k`` wanted pairs meet :func:`converged` or after ``max_matvecs``
-    products; the result is read from ``lz`` (also after Ctrl-C).
+    Products ``A v`` carry rounding errors of about ``eps ||A||``, so Ritz values and
+    residuals cannot be trusted below that, whatever the basis precision.
     """
-    min_dim = min(ncv, max(2 * k, k + b + 1))
-    keep = min(ncv - b, max(k + b, (ncv + k) // 2))
-    on_step(lz.extend(start[:, : ncv - b]))
-    while True:
-        theta, S = lz.ritz(which)
-        n = min(lz.dim, k + b)
-        _, R, res = lz.ritz_pairs(theta, S, n)
-        conv = converged(res, theta[:n], np.abs(theta).max(), tol, lz.dtype)
-        if (lz.dim >= min_dim and n >= k and conv[:k].all()) or lz.products >= max_matvecs:
-            return
-        if lz.dim + b > ncv:
-            lz.compress(S[:, :keep], theta[:keep])
-        pending = [i for i in range(n) if not conv[i]] + [i for i in range(n) if conv[i]]
-        on_step(lz.extend(R[:, pending[:b]]))
+    return FLOOR_FACTOR * torch.finfo(dtype).eps * anorm
+
+
+def error_bounds(theta: np.ndarray, res: np.ndarray, n: int, floor: float) -> np.ndarray:
+    """Certified bounds on ``|theta_i - lambda|`` for the first ``n`` Ritz pairs.
+
+    For a symmetric ``A`` and a unit Ritz vector with residual ``r = ||A y - theta y||``:
+    ``|theta - lambda| <= r`` (Bauer-Fike/Kahan), and the gap bound ``|theta - lambda| <=
+    r^2 / gap`` when no other eigenvalue lies within ``gap`` of ``theta`` (Kato 1949,
+    Temple 1928; Parlett, *The Symmetric Eigenvalue Problem*, Sec. 11.7). The gap is
+    estimated conservatively from the algebraic neighbours ``theta_j`` of ``theta_i`` among
+    all Ritz values: ``min_j (|theta_i - theta_j| - r_j)`` (each ``theta_j`` is within ``r_j``
+    of an eigenvalue), used only when positive. ``res``: residual norms of all Ritz pairs
+    (``inf`` where not computed). Bounds never go below ``floor`` (:func:`precision_floor`).
+    """
+    out = np.empty(n)
+    for i, neighbours in enumerate(_neighbours(theta, n)):
+        gap = min((abs(theta[i] - theta[j]) - res[j] for j in neighbours), default=-1.0)
+        bound = min(res[i], res[i] ** 2 / gap) if 0 < gap < np.inf else res[i]
+        out[i] = max(bound, floor)
+    return out
+
+
+def _neighbours(theta: np.ndarray, n: int) -> list[list[int]]:
+    """For each of the first ``n`` Ritz values, the indices of its algebraic neighbours
+    (the next smaller and next larger Ritz value, where they exist)."""
+    alg = np.argsort(theta, kind="stable")
+    pos = np.empty(len(theta), dtype=int)
+    pos[alg] = np.arange(len(theta))
+    return [[int(alg[p]) for p in (pos[i] - 1, pos[i] + 1) if 0 <= p < len(theta)] for i in range(n)]
+
+
+def _with_neighbours(theta: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the first ``n`` Ritz values and of their algebraic neighbours."""
+    near = {j for js in _neighbours(theta, n) for j in js}
+    return np.array(sorted(near | set(range(n))))
+
+
+@dataclass
+class Snapshot:
+    """The ``k`` wanted Ritz pairs at one iterate, with their certified error bounds.
+
+    ``targets[i] = max(tol |theta_i|, floor)``: what pair ``i`` must reach to stop.
+    """
+
+    values: np.ndarray
+    vectors: torch.Tensor
+    residuals: np.ndarray
+    bounds: np.ndarray
+    targets: np.ndarray
+    floor: float
+
+    @property
+    def score(self) -> float:
+        """Mean ``log bound``: lower is better (absolute bounds, as the values themselves move)."""
+        return float(np.mean(np.log(self.bounds))) if len(self.bounds) else np.inf
+
+
+class ThickRestart:
+    """Thick-restart (block) Lanczos for the ``k`` wanted eigenpairs of one recurrence.
+
+    The basis grows by the residuals of the wanted uncertified Ritz pairs (for a Krylov
+    space they all point along the next Lanczos vector, so one column per step *is*
+    Lanczos); when it would exceed ``ncv`` columns only the best ``keep`` Ritz vectors stay
+    (Wu & Simon 2000; Stathopoulos, Saad & Wu 1998). After every step the wanted pairs get
+    :func:`error_bounds`; it stops (``reason``) when every pair's bound is within
+    ``max(tol |theta|, floor)`` (``"converged"``, or ``"floor"`` if some only reached the
+    precision floor), after ``max_matvecs`` products (``"max_matvecs"``), or when the bounds
+    have not improved (:attr:`Snapshot.score`) for ``PATIENCE`` restarts (``"stagnated"``).
+    ``best`` is the iterate with the smallest bounds, ``latest`` the last one: a run that
+    stops short returns ``best``, so more products never make the answer worse.
+    """
+
+    def __init__(self, lz: Lanczos, k: int, which: str, tol: float, max_matvecs: int, b: int, ncv: int,
+                 floor_dtype: torch.dtype):
+        self.lz, self.k, self.which, self.tol, self.max_matvecs = lz, k, which, tol, max_matvecs
+        self.b, self.ncv, self.floor_dtype = b, ncv, floor_dtype
+        self.best: Snapshot | None = None
+        self.latest: Snapshot | None = None
+        self.reason = "running"
+        self.restarts_since_best = 0
+
+    def run(self, start: torch.Tensor, on_step: Callable[[int], None] = lambda n: None) -> None:
+        """Iterate from ``start`` (at least ``b`` columns); the answer is in ``best``/``latest``."""
+        lz, k, b, ncv = self.lz, self.k, self.b, self.ncv
+        min_dim = min(ncv, max(2 * k, k + b + 1))
+        keep = min(ncv - b, max(k + b, (ncv + k) // 2))
+        on_step(lz.extend(start[:, : ncv - b]))
+        while True:
+            theta, S = lz.ritz(self.which)
+            R, done = self._assess(theta, S)
+            if lz.dim >= min_dim and done[:k].all() and len(done) >= k:
+                certified = self.latest.bounds <= self.tol * np.abs(self.latest.values)
+                self.reason = "converged" if certified.all() else "floor"
+                return
+            if lz.products >= self.max_matvecs or self.restarts_since_best > PATIENCE:
+                self.reason = "max_matvecs" if lz.products >= self.max_matvecs else "stagnated"
+                return
+            if lz.dim + b > ncv:
+                lz.compress(S[:, :keep], theta[:keep])
+                self.restarts_since_best += 1
+            pending = [i for i in range(len(done)) if not done[i]] + [i for i in range(len(done)) if done[i]]
+            on_step(lz.extend(R[:, pending[:b]]))
+
+    def _assess(self, theta: np.ndarray, S: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Residuals and bounds of the first ``k + b`` Ritz pairs; updates ``latest``/``best``.
+
+        Returns the residual vectors of those pairs and which of them are done."""
+        lz, n = self.lz, min(self.lz.dim, self.k + self.b)
+        cols = _with_neighbours(theta, n)
+        Y, R, norms = lz.ritz_pairs(theta, S, cols)
+        res = np.full(len(theta), np.inf)
+        res[cols] = norms
+        floor = precision_floor(float(np.abs(theta).max()), self.floor_dtype)
+        bounds = error_bounds(theta, res, n, floor)
+        targets = np.maximum(self.tol * np.abs(theta[:n]), floor)
+        m = min(n, self.k)
+        self.latest = Snapshot(theta[:m].copy(), Y[:, :m], res[:m].copy(), bounds[:m], targets[:m], floor)
+        if m == self.k and (self.best is None or self.latest.score < self.best.score):
+            self.best, self.restarts_since_best = self.latest, 0
+        return R[:, :n], bounds <= targets
 
 
 def krylov_steps(
