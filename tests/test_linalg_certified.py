@@ -12,7 +12,7 @@ from hesse.linalg import density, diagonal, eigenvalues, frobenius_norm, trace
 from hesse.linalg.checks import prepare_operator
 from hesse.linalg.lanczos import error_bounds
 from hesse.operators import DenseOperator
-from tests.conftest import sym_matrix
+from tests.helpers import sym_matrix
 
 P = 400
 _rng = np.random.default_rng(7)
