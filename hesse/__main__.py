@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 EXIT_USAGE = 2
@@ -29,19 +30,31 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
+def _interrupted_while_starting(*_: object) -> None:
+    """SIGINT handler while the command loads: nothing is written yet, so stop at once.
+
+    A ``KeyboardInterrupt`` raised inside a third-party import (numpy, scipy, torch) can be
+    half-handled there and leave that module broken, so during start-up the signal never
+    becomes an exception.
+    """
+    print("hesse: interrupted while starting; nothing was written.", file=sys.stderr)
+    _exit_now(EXIT_INTERRUPTED)
+
+
 def entry() -> None:
     """Import ``hesse.cli`` and run its command group."""
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
     try:
         cli = importlib.import_module("hesse.cli")
     except KeyboardInterrupt:
-        print("hesse: interrupted while starting; nothing was written.", file=sys.stderr)
-        _exit_now(EXIT_INTERRUPTED)
+        _interrupted_while_starting()
     except ModuleNotFoundError as error:
         if error.name not in CLI_REQUIREMENTS:
             raise
         print(f"error: the hesse command needs {error.name}; install it with: pip install 'hesse[cli]'",
               file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cli.main()
 
 

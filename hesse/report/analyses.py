@@ -133,6 +133,7 @@ def _run_one(run: AnalysisRun, name: str, call: Callable[[], Any]) -> None:
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch internals (e.g. forward-mode AD setup), not findings
         result = call()
     if getattr(result, "interrupted", False):  # a partial result returned instead of raised
         interrupt = KeyboardInterrupt()
