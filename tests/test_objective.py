@@ -110,3 +110,44 @@ def test_positional_modules_are_named_with_their_type():
     objective = Objective(model, nn.CrossEntropyLoss(), (torch.randn(5, 3), torch.randint(0, 2, (5,))))
     assert list(objective.module_blocks()) == ["0 (Linear)", "2.0 (Linear)"]
     assert hesse.Hessian(objective).block_diagonal().blocks.keys() == objective.module_blocks().keys()
+
+
+def test_batches_are_cached_after_two_identical_passes_and_not_before():
+    torch.manual_seed(0)
+    X, y = torch.randn(30, 6, dtype=torch.float64), torch.randint(0, 4, (30,))
+    reads = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __len__(self):
+            return 30
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return X[i], y[i]
+
+    loader = torch.utils.data.DataLoader(Counting(), batch_size=8)
+    model = TanhMLP().double()
+    objective = Objective(model, nn.CrossEntropyLoss(), loader)
+    first = objective.loss()
+    objective.loss()
+    assert len(reads) == 60  # two passes read the loader (the second confirms the data did not change)
+    assert objective.loss() == first and len(reads) == 60  # the third reads the kept batches
+    uncached = Objective(model, nn.CrossEntropyLoss(), loader, cache_data=False)
+    for _ in range(3):
+        uncached.loss()
+    assert len(reads) == 150
+
+
+def test_changing_data_is_still_detected_with_caching():
+    torch.manual_seed(0)
+    calls = []
+
+    class Augmented:
+        def __iter__(self):
+            calls.append(1)
+            yield torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 4, (8,))
+
+    objective = Objective(TanhMLP().double(), nn.CrossEntropyLoss(), Augmented())
+    objective.loss()
+    with pytest.raises(hesse.HesseError, match="data changed between passes"):
+        objective.loss()

@@ -50,10 +50,12 @@ class CurvatureOperator(LinearOperator):
         stochastic: bool | None = None,
         check_data: bool | None = None,
         progress: bool | None = None,
+        cache_data: bool | None = None,
     ):
         self.objective = as_objective(
             model, criterion, data, params=params, forward=forward, num_samples=num_samples,
             reduction=reduction, stochastic=stochastic, check_data=check_data, progress=progress,
+            cache_data=cache_data,
         )
         P = self.objective.size
         self.shape = (P, P)

@@ -183,3 +183,48 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if distributed_world():
         torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.SUM)
     return x
+
+
+def tensor_bytes(batch: Batch) -> int:
+    """Bytes held by the tensors of a (nested) batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel() * batch.element_size()
+    if isinstance(batch, Mapping):
+        return sum(tensor_bytes(v) for v in batch.values())
+    if isinstance(batch, (tuple, list)):
+        return sum(tensor_bytes(v) for v in batch)
+    return 0
+
+
+class BatchCache:
+    """The batches of a data source, kept (on the model's device) once two passes saw the same data.
+
+    Curvature work passes over the same data hundreds of times; a ``DataLoader`` re-indexes
+    and re-collates every sample each time, which for small models costs more than the
+    products. After a pass whose data matched the previous pass (count and checksum), its
+    batches are kept if they take at most ``limit_bytes``; later passes read them directly.
+    """
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+        self.batches: list[Batch] | None = None
+        self._collecting: list[Batch] | None = None
+        self._bytes = 0
+
+    def start_pass(self) -> None:
+        self._collecting = [] if self.batches is None and self.limit_bytes > 0 else None
+        self._bytes = 0
+
+    def add(self, batch: Batch) -> None:
+        if self._collecting is None:
+            return
+        self._bytes += tensor_bytes(batch)
+        if self._bytes > self.limit_bytes:
+            self._collecting = None
+        else:
+            self._collecting.append(batch)
+
+    def end_pass(self, same_data_as_before: bool) -> None:
+        if self._collecting is not None and same_data_as_before:
+            self.batches = self._collecting
+        self._collecting = None

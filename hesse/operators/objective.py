@@ -33,6 +33,7 @@ from hesse.errors import HesseError
 from hesse.operators._guards import check_criterion_shapes, check_first_batch, check_model_mode, mode_signature
 from hesse.operators.data import (
     Batch,
+    BatchCache,
     DataSource,
     ForwardFn,
     all_reduce_sum,
@@ -44,6 +45,7 @@ from hesse.operators.data import (
 )
 
 ParamSpec = None | str | nn.Module | nn.Parameter | Iterable[str | nn.Module | nn.Parameter]
+CACHE_LIMIT_BYTES = 512 * 2**20
 Point = torch.Tensor | Mapping[str, torch.Tensor] | None
 """Parameter values to evaluate at: ``None`` (the model's current values), a flat ``[P]``
 vector over the selected parameters, or a dict ``{name: tensor}`` (missing names keep
@@ -144,6 +146,9 @@ class Objective:
     are not ``ignore_index``), ``reduction`` overrides ``criterion.reduction``.
     ``stochastic=True`` accepts active dropout; ``check_data=False`` accepts data that
     changes between passes. ``progress`` shows a bar per data pass (``None``: automatic).
+    ``cache_data``: once two passes saw the same data, keep its batches on the device (up to
+    :data:`CACHE_LIMIT_BYTES`) so later passes skip the loader; ``False`` re-reads the
+    source every pass (data you change in place between calls).
     """
 
     def __init__(
@@ -159,6 +164,7 @@ class Objective:
         stochastic: bool = False,
         check_data: bool = True,
         progress: bool | None = False,
+        cache_data: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise HesseError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -183,7 +189,8 @@ class Objective:
         self.numels = [p.numel() for p in self.params.values()]
         self.size = sum(self.numels)
         self._settings = dict(forward=forward, num_samples=num_samples, reduction=reduction,
-                              stochastic=stochastic, check_data=check_data, progress=progress)
+                              stochastic=stochastic, check_data=check_data, progress=progress, cache_data=cache_data)
+        self._cache = BatchCache(CACHE_LIMIT_BYTES if cache_data and check_data else 0)
         self._data_signature: tuple[int, float] | None = None
         self._checked_modes: tuple[bool, ...] | None = None
         self.num_samples: int | None = None
@@ -310,8 +317,10 @@ class Objective:
         total: torch.Tensor | None = None
         count = 0
         checksum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._cache.start_pass()
         for index, batch in enumerate(self._batches(desc)):
             batch = to_device(batch, self.device)
+            self._cache.add(batch)
             n = int(self.count_samples(batch))
             if n <= 0:
                 raise HesseError("a batch has no samples (or all its targets are ignore_index); drop such batches from the data.")
@@ -330,7 +339,9 @@ class Objective:
         all_reduce_sum(total)
         all_reduce_sum(stats)
         count = int(stats[0].item())
+        seen_before = self._data_signature is not None
         self._check_same_data(count, float(stats[1].item()))
+        self._cache.end_pass(same_data_as_before=seen_before and self.check_data)
         self.num_samples = count
         self.passes += 1
         return total, count
@@ -341,8 +352,9 @@ class Objective:
         return total / count if self.reduction == "mean" else total
 
     def _batches(self, desc: str):
+        source = self._cache.batches if self._cache.batches is not None else self.data
         total = len(self.data.source) if hasattr(self.data.source, "__len__") else None
-        return progress_bar(iter(self.data), total=total, desc=desc, enabled=self.progress, unit="batch")
+        return progress_bar(iter(source), total=total, desc=desc, enabled=self.progress, unit="batch")
 
     def _check_same_data(self, count: int, checksum: float) -> None:
         if self._data_signature is None:
