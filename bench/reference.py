@@ -302,8 +302,9 @@ def reference_cnn(tol: float = 1e-10) -> dict:
 def exact_diagonal(task, chunk: int = 32, checkpoint: str | None = None) -> tuple[torch.Tensor, dict]:
     """diag(H) of the full-data loss: e_i^T H e_i for every i, float64, batched second backward.
 
-    For each chunk of C coordinates and each batch: one forward, one graph-building
-    backward, one backward batched over the C unit vectors (``is_grads_batched``), all
+    For each chunk of C coordinates (within one parameter tensor p) and each batch: one
+    forward, one graph-building backward for dL/dp, one backward of dL/dp to p batched
+    over the C unit vectors (``is_grads_batched``), all
     under the math attention kernel; batches weighted n_b/N. Progress is saved to
     ``checkpoint`` (an .npz) after every chunk so an interrupted run resumes.
     """
@@ -320,19 +321,29 @@ def exact_diagonal(task, chunk: int = 32, checkpoint: str | None = None) -> tupl
             print(f"  exact diagonal: resuming at {start}/{P} from {checkpoint}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     done0 = start
-    for lo in range(start, P, chunk):
-        hi = min(P, lo + chunk)
-        C = hi - lo
-        E = torch.zeros(C, P)
-        E[torch.arange(C), torch.arange(lo, hi)] = 1.0
-        vs = [t.reshape(C, *p.shape) for t, p in zip(E.split(sizes, dim=1), params)]
+    offsets = np.cumsum([0] + sizes)
+    # chunks never cross a parameter tensor: the second backward then runs from that
+    # tensor's gradient to that tensor only (autograd prunes the rest of the graph)
+    spans = []
+    for j, p in enumerate(params):
+        for lo in range(int(offsets[j]), int(offsets[j + 1]), chunk):
+            spans.append((j, lo, min(int(offsets[j + 1]), lo + chunk)))
+    for j, lo, hi in spans:
+        if hi <= start:
+            continue
+        lo = max(lo, start)
+        p, C = params[j], hi - lo
+        local = torch.arange(lo, hi) - int(offsets[j])
+        E = torch.zeros(C, p.numel())
+        E[torch.arange(C), local] = 1.0
+        E = E.reshape(C, *p.shape)
         acc = torch.zeros(C)
         for xb, yb in task.batches:
             with math_attention():
                 loss = task.criterion(task.model(xb), yb) * (yb.shape[0] / N)
-                g = torch.autograd.grad(loss, params, create_graph=True)
-                hv = torch.autograd.grad(g, params, grad_outputs=vs, is_grads_batched=True)
-            acc += torch.cat([h.reshape(C, -1) for h in hv], 1)[torch.arange(C), torch.arange(lo, hi)]
+                (g,) = torch.autograd.grad(loss, [p], create_graph=True)
+                (hv,) = torch.autograd.grad([g], [p], grad_outputs=[E], is_grads_batched=True)
+            acc += hv.reshape(C, -1)[torch.arange(C), local]
         diag[lo:hi] = acc
         if checkpoint:
             tmp = checkpoint + ".tmp.npz"
@@ -340,7 +351,7 @@ def exact_diagonal(task, chunk: int = 32, checkpoint: str | None = None) -> tupl
             os.replace(tmp, checkpoint)
         el = time.perf_counter() - t0
         rate = el / max(1, hi - done0)
-        if (lo // chunk) % 10 == 0 or hi == P:
+        if len(spans) and (lo // chunk) % 10 == 0 or hi == P:
             print(f"  exact diagonal {hi}/{P} ({el:.0f} s, {rate * 1e3:.0f} ms/coordinate, "
                   f"~{rate * (P - hi) / 60:.1f} min left)", file=sys.stderr, flush=True)
     info = {"chunk": chunk, "seconds_this_run": time.perf_counter() - t0, "resumed_at": done0}
