@@ -8,9 +8,10 @@ Usage (from the repository root, in the bench environment made by bench/setup_en
 
 Every tool runs on the same trained model, loss and DataLoader (bench/tasks.py) and is
 scored against exact references (bench/reference.py, cached in bench/reference_*.json
-and computed on first use). One markdown table per task is printed with: wall time,
-Hessian-vector products (matvecs), peak memory, cost in full-data gradients and the
-error against the exact value.
+and computed on first use). One markdown table per task (mlp, cnn, transformer) is
+printed with: wall time, Hessian-vector products (matvecs), passes over the data (calls
+of the tool's product entry point; one call with K columns = one pass), peak memory,
+cost in full-data gradients and the error against the exact value.
 
 Measurement, per (tool, task, quantity) cell, each in a fresh Python subprocess
 (which also isolates crashes and hangs):
