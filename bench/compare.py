@@ -8,9 +8,10 @@ Usage (from the repository root, in the bench environment made by bench/setup_en
 
 Every tool runs on the same trained model, loss and DataLoader (bench/tasks.py) and is
 scored against exact references (bench/reference.py, cached in bench/reference_*.json
-and computed on first use). One markdown table per task is printed with: wall time,
-Hessian-vector products (matvecs), peak memory, cost in full-data gradients and the
-error against the exact value.
+and computed on first use). One markdown table per task (mlp, cnn, transformer) is
+printed with: wall time, Hessian-vector products (matvecs), passes over the data (calls
+of the tool's product entry point; one call with K columns = one pass), peak memory,
+cost in full-data gradients and the error against the exact value.
 
 Measurement, per (tool, task, quantity) cell, each in a fresh Python subprocess
 (which also isolates crashes and hangs):
@@ -76,7 +77,8 @@ FULL = dict(k=5, eig_tol=1e-3, power_iters=100, trace_budget=99, trace_tol=1e-3,
 QUICK = dict(k=5, eig_tol=1e-3, power_iters=20, trace_budget=30, trace_tol=1e-3,
              density_steps=30, density_probes=1, seed=0, timeout_s=300)
 # per-task overrides (same for every tool): fewer SLQ probes on the expensive task
-TASK_OVERRIDES = {"full": {"mlp": {"density_probes": 5}, "cnn": {"density_probes": 2}},
+TASK_OVERRIDES = {"full": {"mlp": {"density_probes": 5}, "cnn": {"density_probes": 2},
+                           "transformer": {"density_probes": 3}},
                   "quick": {}}
 
 
@@ -101,7 +103,7 @@ def run_cell(tool: str, task_name: str, quantity: str, cfg: dict) -> dict:
     task = tasks.make_task(task_name)
     gc.collect()
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    meter = {"matvecs": 0}
+    meter = {"matvecs": 0, "passes": 0}
     t0 = time.perf_counter()
     try:
         out = adapter.run(task, quantity, cfg, meter)
@@ -114,6 +116,7 @@ def run_cell(tool: str, task_name: str, quantity: str, cfg: dict) -> dict:
         rec["traceback"] = traceback.format_exc()[-2000:]
     rec["wall_s"] = time.perf_counter() - t0
     rec["matvecs"] = meter["matvecs"]
+    rec["passes"] = meter["passes"]
     rec["peak_mb"] = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kb) / 1024.0
     rec["baseline_mb"] = base_kb / 1024.0
     for p in task.model.parameters():
@@ -232,8 +235,8 @@ def table(task: str, recs: list[dict], ref: dict, grad_time: float | None) -> st
                  + ", ".join(f"{x:.6g}" for x in ref["top_eigenvalues"]) + gt_txt,
                  ""]
     lines += [
-             "| tool | quantity | wall s | matvecs | peak MB | cost (gradients) | error vs exact | note |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| tool | quantity | wall s | matvecs | passes | peak MB | cost (gradients) | error vs exact | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in recs:
         err, how = score(r, ref) if ref else (None, "")
         notes = []
@@ -264,7 +267,7 @@ def table(task: str, recs: list[dict], ref: dict, grad_time: float | None) -> st
         errs = "–" if err is None else f"{err:.1e}"
         lines.append(
             f"| {r['tool']} | {r['quantity']} | {fmt(r.get('wall_s'), '.2f')} | "
-            f"{r.get('matvecs', '–')} | {fmt(r.get('peak_mb'), '.1f')} | {fmt(cost, '.0f')} | {errs} | "
+            f"{r.get('matvecs', '–')} | {r.get('passes', '–')} | {fmt(r.get('peak_mb'), '.1f')} | {fmt(cost, '.0f')} | {errs} | "
             + "; ".join(n.replace("|", "/") for n in notes) + " |")
     return "\n".join(lines)
 
@@ -315,7 +318,7 @@ def machine() -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="hesse vs PyHessian / hessian-eigenthings / curvlinops")
-    ap.add_argument("--tasks", default=None, help="comma list from mlp,cnn (default: both; --quick: mlp)")
+    ap.add_argument("--tasks", default=None, help="comma list from mlp,cnn,transformer (default: all three; --quick: mlp)")
     ap.add_argument("--tools", default=",".join(TOOLS))  # all, incl. eigenthings50
     ap.add_argument("--quantities", default=",".join(QUANTITIES))
     ap.add_argument("--quick", action="store_true", help="smaller budgets, mlp only by default (~2 min)")
@@ -324,7 +327,7 @@ def main(argv=None) -> int:
                     help="torch intra-op threads per cell (default: torch's default, = cores)")
     ap.add_argument("--timeout", type=int, default=None, help="seconds per cell before it is killed")
     ap.add_argument("--density-probes", type=int, default=None,
-                    help="SLQ probes for every tool (default: mlp 5, cnn 2; --quick 1)")
+                    help="SLQ probes for every tool (default: mlp 5, cnn 2, transformer 3; --quick 1)")
     ap.add_argument("--md", default=None, help="also write the tables to this markdown file")
     ap.add_argument("--render", metavar="RESULTS_JSON", default=None,
                     help="only re-score and print the tables of an earlier run's json")
@@ -352,7 +355,7 @@ def main(argv=None) -> int:
     cfg["threads"] = args.threads
     if args.timeout:
         cfg["timeout_s"] = args.timeout
-    task_names = (args.tasks or ("mlp" if args.quick else "mlp,cnn")).split(",")
+    task_names = (args.tasks or ("mlp" if args.quick else "mlp,cnn,transformer")).split(",")
     tools = [t for t in args.tools.split(",") if t]
     quantities = [q for q in args.quantities.split(",") if q]
     for t in tools:
@@ -393,6 +396,7 @@ def main(argv=None) -> int:
                 r = spawn_cell(tool, task, q, tcfg)
                 err = score(r, ref)[0] if ref else None
                 print(f"{r.get('status')} {r.get('wall_s', 0):.1f}s matvecs={r.get('matvecs', '-')} "
+                      f"passes={r.get('passes', '-')} "
                       f"err={'-' if err is None else f'{err:.1e}'} {r.get('error', '')}", flush=True)
                 r.pop("traceback", None) if r.get("status") == "ok" else None
                 if r.get("nodes"):  # keep the json small: Ritz nodes suffice for scoring

@@ -1,6 +1,6 @@
 """Exact reference values for the benchmark tasks, computed independently of hesse.
 
-Usage: ``bench/.venv/bin/python bench/reference.py [--tasks mlp,cnn] [--force]``
+Usage: ``bench/.venv/bin/python bench/reference.py [--tasks mlp,cnn,transformer] [--force]``
 
 Writes ``bench/reference_<task>.json``. Everything is computed in float64 on the same
 trained weights that ``compare.py`` uses (``tasks.make_task``), for the full-data loss
@@ -21,6 +21,18 @@ cnn (151,306 parameters)
     Trace: sum of the exact Hessian diagonal from BackPACK ``DiagHessian`` (per batch,
     on the batch-mean loss, combined with weights n_b/N), spot-checked against
     ``e_i^T H e_i`` from the HVP for a few coordinates.
+
+transformer (10,402 parameters; BackPACK does not support attention)
+    Every product runs under ``sdpa_kernel(SDPBackend.MATH)``: the fused CPU attention
+    kernel has no double backward. (``nn.TransformerEncoderLayer``'s eval-mode fast path,
+    ``torch._transformer_encoder_layer_fwd``, is not taken: it is skipped whenever grad
+    mode is on and a parameter requires grad, as in every product here; ``fast_path``
+    in the json records the check.) Top eigenvalues: the same eigsh (tol 1e-10) on the
+    same float64 double-backward HVP. Trace: the exact diagonal, ``e_i^T H e_i`` for all
+    P coordinates, P products of e_i computed in chunks by one batched second backward
+    (``is_grads_batched``) per batch; resumable (``--checkpoint``), cross-checked against
+    a forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) product for a few
+    coordinates.
 """
 
 from __future__ import annotations
@@ -102,11 +114,19 @@ def flat_params(task) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in task.model.parameters()])
 
 
-def hvp_factory(task):
+def math_attention():
+    """Context: scaled_dot_product_attention by its math kernel (second derivatives exist)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def hvp_factory(task, math_sdpa: bool = False):
     """Independent float64 HVP of the sample-weighted full-data loss (double backward)."""
+    import contextlib
     params = task.params()
     N = task.n
     count = {"n": 0}
+    ctx = math_attention if math_sdpa else contextlib.nullcontext
 
     t_start = time.perf_counter()
 
@@ -121,9 +141,10 @@ def hvp_factory(task):
             i += p.numel()
         out = torch.zeros_like(v)
         for xb, yb in task.batches:
-            loss = task.criterion(task.model(xb), yb) * (yb.shape[0] / N)
-            g = torch.autograd.grad(loss, params, create_graph=True)
-            hv = torch.autograd.grad(g, params, grad_outputs=vs)
+            with ctx():
+                loss = task.criterion(task.model(xb), yb) * (yb.shape[0] / N)
+                g = torch.autograd.grad(loss, params, create_graph=True)
+                hv = torch.autograd.grad(g, params, grad_outputs=vs)
             out += torch.cat([h.reshape(-1) for h in hv])
         return out
 
@@ -278,18 +299,207 @@ def reference_cnn(tol: float = 1e-10) -> dict:
     }
 
 
+def exact_diagonal(task, chunk: int = 32, checkpoint: str | None = None) -> tuple[torch.Tensor, dict]:
+    """diag(H) of the full-data loss: e_i^T H e_i for every i, float64, batched second backward.
+
+    For each chunk of C coordinates (within one parameter tensor p) and each batch: one
+    forward, one graph-building backward for dL/dp, one backward of dL/dp to p batched
+    over the C unit vectors (``is_grads_batched``), all
+    under the math attention kernel; batches weighted n_b/N. Progress is saved to
+    ``checkpoint`` (an .npz) after every chunk so an interrupted run resumes.
+    """
+    params = task.params()
+    P, N = task.num_params, task.n
+    sizes = [p.numel() for p in params]
+    diag = torch.full((P,), float("nan"))
+    start = 0
+    if checkpoint and os.path.exists(checkpoint):
+        z = np.load(checkpoint)
+        if int(z["P"]) == P and str(z["sha"]) == str(tasks.weights_sha256(task.name)):
+            diag = torch.from_numpy(z["diag"].copy())
+            start = int(z["done"])
+            print(f"  exact diagonal: resuming at {start}/{P} from {checkpoint}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    done0 = start
+    offsets = np.cumsum([0] + sizes)
+    # chunks never cross a parameter tensor: the second backward then runs from that
+    # tensor's gradient to that tensor only (autograd prunes the rest of the graph)
+    spans = []
+    for j, p in enumerate(params):
+        for lo in range(int(offsets[j]), int(offsets[j + 1]), chunk):
+            spans.append((j, lo, min(int(offsets[j + 1]), lo + chunk)))
+    for j, lo, hi in spans:
+        if hi <= start:
+            continue
+        lo = max(lo, start)
+        p, C = params[j], hi - lo
+        local = torch.arange(lo, hi) - int(offsets[j])
+        E = torch.zeros(C, p.numel())
+        E[torch.arange(C), local] = 1.0
+        E = E.reshape(C, *p.shape)
+        acc = torch.zeros(C)
+        for xb, yb in task.batches:
+            with math_attention():
+                loss = task.criterion(task.model(xb), yb) * (yb.shape[0] / N)
+                (g,) = torch.autograd.grad(loss, [p], create_graph=True)
+                (hv,) = torch.autograd.grad([g], [p], grad_outputs=[E], is_grads_batched=True)
+            acc += hv.reshape(C, -1)[torch.arange(C), local]
+        diag[lo:hi] = acc
+        if checkpoint:
+            tmp = checkpoint + ".tmp.npz"
+            np.savez(tmp, diag=diag.numpy(), done=hi, P=P, sha=str(tasks.weights_sha256(task.name)))
+            os.replace(tmp, checkpoint)
+        el = time.perf_counter() - t0
+        rate = el / max(1, hi - done0)
+        if len(spans) and (lo // chunk) % 10 == 0 or hi == P:
+            print(f"  exact diagonal {hi}/{P} ({el:.0f} s, {rate * 1e3:.0f} ms/coordinate, "
+                  f"~{rate * (P - hi) / 60:.1f} min left)", file=sys.stderr, flush=True)
+    info = {"chunk": chunk, "seconds_this_run": time.perf_counter() - t0, "resumed_at": done0}
+    return diag, info
+
+
+def transformer_fast_path_check(task) -> dict:
+    """Whether nn.TransformerEncoderLayer takes its fused eval-mode fast path in our products."""
+    import torch.nn.functional as F
+    hits = {"fast_path_calls": 0}
+    orig = torch._transformer_encoder_layer_fwd
+
+    def spy(*a, **k):
+        hits["fast_path_calls"] += 1
+        return orig(*a, **k)
+
+    torch._transformer_encoder_layer_fwd = spy
+    try:
+        xb, yb = task.batches[0]
+        with torch.no_grad():  # inference: the fast path may run here
+            task.model(xb)
+        no_grad_calls = hits["fast_path_calls"]
+        hits["fast_path_calls"] = 0
+        with math_attention():
+            loss = task.criterion(task.model(xb), yb)
+            torch.autograd.grad(loss, task.params(), create_graph=True)
+        grad_calls = hits["fast_path_calls"]
+    finally:
+        torch._transformer_encoder_layer_fwd = orig
+    del F
+    return {"fast_path_calls_under_no_grad": no_grad_calls, "fast_path_calls_with_grad": grad_calls,
+            "model_training": task.model.training}
+
+
+def reference_transformer(tol: float = 1e-10, checkpoint: str | None = None, chunk: int = 32) -> dict:
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    torch.set_default_dtype(torch.float64)
+    task = tasks.make_task("transformer", dtype=torch.float64)
+    assert not task.model.training
+    P = task.num_params
+    fast = transformer_fast_path_check(task)
+    hvp, count = hvp_factory(task, math_sdpa=True)
+
+    op = LinearOperator((P, P), matvec=lambda x: hvp(torch.from_numpy(np.asarray(x).reshape(-1))).numpy(),
+                        dtype=np.float64)
+    v0 = np.random.default_rng(tasks.SEED).standard_normal(P)
+    t0 = time.perf_counter()
+    vals, vecs = eigsh(op, k=TOPK, which="LA", tol=tol, ncv=30, v0=v0)
+    t_eig = time.perf_counter() - t0
+    n_eig = count["n"]
+    order = np.argsort(vals)[::-1]
+    vals, vecs = vals[order], vecs[:, order]
+    resid = []
+    for j in range(TOPK):
+        v = torch.from_numpy(vecs[:, j].copy())
+        resid.append(float(torch.linalg.vector_norm(hvp(v) - vals[j] * v)))
+    print(f"  transformer top-{TOPK}: {vals.tolist()} ({t_eig:.0f} s, {n_eig} HVPs); residuals {resid}",
+          file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    diag, diag_info = exact_diagonal(task, chunk=chunk, checkpoint=checkpoint)
+    t_diag = time.perf_counter() - t0
+    trace = float(diag.sum())
+
+    # cross-check a few diagonal entries (one per parameter tensor, at most 8) with an
+    # independent forward-over-reverse product (torch.func), and with the plain HVP
+    rng = np.random.default_rng(0)
+    offsets = np.cumsum([0] + [p.numel() for p in task.params()])
+    layers = rng.choice(len(offsets) - 1, size=min(8, len(offsets) - 1), replace=False)
+    idx = [int(rng.integers(offsets[k], offsets[k + 1])) for k in sorted(layers)]
+    names = [n for n, _ in task.model.named_parameters()]
+    values = {n: p.detach() for n, p in task.model.named_parameters()}
+
+    def fwd_rev(i: int) -> float:
+        e = torch.zeros(P)
+        e[i] = 1.0
+        tang, j = {}, 0
+        for n in names:
+            k = values[n].numel()
+            tang[n] = e[j:j + k].reshape(values[n].shape)
+            j += k
+        total = 0.0
+        for xb, yb in task.batches:
+            def loss(p, xb=xb, yb=yb):
+                return task.criterion(torch.func.functional_call(task.model, p, (xb,)), yb) * (yb.shape[0] / task.n)
+            with math_attention():
+                hv = torch.func.jvp(torch.func.grad(loss), (values,), (tang,))[1]
+            total += float(torch.cat([hv[n].reshape(-1) for n in names])[i])
+        return total
+
+    spot = [{"index": i, "forward_over_reverse": fwd_rev(i), "diag": float(diag[i])} for i in idx]
+    spot_err = max(abs(s["forward_over_reverse"] - s["diag"]) / max(abs(s["forward_over_reverse"]), 1e-30)
+                   for s in spot)
+    return {
+        "task": "transformer",
+        "num_params": P,
+        "num_samples": task.n,
+        "batch_sizes": [int(b[1].shape[0]) for b in task.batches],
+        "seed": tasks.SEED,
+        "train_steps": tasks.TRAIN_STEPS["transformer"],
+        "model_mode": "eval",
+        "loss": float(task.full_loss()),
+        "method": {
+            "top_eigenvalues": f"reference Lanczos (tol {tol:g}): scipy eigsh(which='LA', k={TOPK}, "
+                               f"ncv=30, tol={tol:g}) on an independent float64 double-backward HVP under "
+                               "sdpa_kernel(SDPBackend.MATH), batches weighted n_b/N",
+            "trace": f"sum of the exact Hessian diagonal: e_i^T H e_i for all {P} coordinates, float64, "
+                     f"chunks of {chunk} unit vectors by a batched second backward (is_grads_batched) under "
+                     "the math attention kernel, batches weighted n_b/N",
+        },
+        "trace": trace,
+        "top_eigenvalues": [float(x) for x in vals],
+        "residual_norms": resid,
+        "eigsh_matvecs": n_eig,
+        "eigsh_seconds": t_eig,
+        "diag_seconds": t_diag,
+        "diag_info": diag_info,
+        "diag_min": float(diag.min()),
+        "diag_num_negative": int((diag < 0).sum()),
+        "fast_path": fast,
+        "checks": {
+            "diag_spot_check": spot,
+            "diag_spot_check_max_rel_err": spot_err,
+        },
+        "versions": versions(),
+    }
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", default="mlp,cnn")
+    ap.add_argument("--tasks", default="mlp,cnn,transformer")
     ap.add_argument("--force", action="store_true", help="recompute even if the json exists")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--checkpoint", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                         "hesse_reference_transformer_diag.npz"),
+                    help="transformer: resumable progress file of the exact diagonal ('' = none)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     for name in args.tasks.split(","):
         if load_reference(name) is not None and not args.force:
             print(f"{name}: {ref_path(name)} exists (use --force to recompute)")
             continue
         t0 = time.perf_counter()
-        ref = {"mlp": reference_mlp, "cnn": reference_cnn}[name]()
+        if name == "transformer":
+            ref = reference_transformer(checkpoint=args.checkpoint or None)
+        else:
+            ref = {"mlp": reference_mlp, "cnn": reference_cnn}[name]()
         ref["seconds_total"] = time.perf_counter() - t0
         ref["weights_sha256"] = tasks.weights_sha256(name)
         with open(ref_path(name), "w") as f:

@@ -8,9 +8,15 @@ cross-entropy over all 1797 samples, which is what every reference value refers 
 * ``mlp``: 64-32-32-10 tanh MLP (3,466 parameters), small enough for a dense Hessian.
 * ``cnn``: Conv-ReLU-Conv-ReLU-MaxPool-Flatten-Linear-ReLU-Linear on 1x8x8 images
   (151,306 parameters), an ``nn.Sequential`` of layers BackPACK supports.
+* ``transformer``: each 8x8 image read as 8 tokens of 8 pixels (its rows): linear token
+  embedding 8->24, learned positional embedding, a 2-layer ``nn.TransformerEncoder``
+  (d_model 24, 4 heads, feed-forward 48, ``batch_first=True``, ``dropout=0.0``,
+  post-norm, ReLU), mean-pool over tokens, linear head to 10 classes (10,402 parameters).
+  Stock PyTorch modules throughout: attention runs through
+  ``F.scaled_dot_product_attention``; the model is evaluated in eval mode.
 
-Both are trained briefly from a fixed seed (full-batch Adam: 30 steps for mlp, 15 for
-cnn, to a training loss of about 0.11) so the Hessian is not taken at initialisation,
+All are trained briefly from a fixed seed (full-batch Adam: 30 steps for mlp, 15 for
+cnn, to a training loss of about 0.11; TRAIN_STEPS for the transformer) so the Hessian is not taken at initialisation,
 nor at an interpolating minimum where it nearly vanishes. The trained weights are
 stored in ``bench/weights`` (committed) so every run uses the same point.
 """
@@ -33,8 +39,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, "weights")
 SEED = 0
 BATCH_SIZE = 256
-TRAIN_STEPS = {"mlp": 30, "cnn": 15}
-TASKS = ("mlp", "cnn")
+TRAIN_STEPS = {"mlp": 30, "cnn": 15, "transformer": 70}
+LEARNING_RATE = {"mlp": 1e-2, "cnn": 3e-3, "transformer": 3e-3}
+TASKS = ("mlp", "cnn", "transformer")
+# tasks whose model is evaluated (and its curvature taken) in eval mode
+EVAL_MODE = ("transformer",)
 
 
 def load_digits_tensors(dtype=torch.float32):
@@ -47,7 +56,25 @@ def load_digits_tensors(dtype=torch.float32):
     return torch.tensor(X, dtype=dtype), torch.tensor(d.target, dtype=torch.long)
 
 
-def build_model(name: str) -> nn.Sequential:
+class DigitsTransformer(nn.Module):
+    """8x8 digit = 8 tokens of 8 pixels -> embed + position -> TransformerEncoder -> mean -> head."""
+
+    def __init__(self, d_model: int = 24, nhead: int = 4, num_layers: int = 2, dim_feedforward: int = 48,
+                 tokens: int = 8, token_dim: int = 8, classes: int = 10):
+        super().__init__()
+        self.embed = nn.Linear(token_dim, d_model)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, tokens, d_model))
+        layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout=0.0, batch_first=True)
+        # enable_nested_tensor only matters with a padding mask (none here); off to keep the stock path quiet
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 8, 8]
+        h = self.encoder(self.embed(x) + self.pos)
+        return self.head(h.mean(dim=1))
+
+
+def build_model(name: str) -> nn.Module:
     torch.manual_seed(SEED)
     if name == "mlp":
         return nn.Sequential(
@@ -64,17 +91,23 @@ def build_model(name: str) -> nn.Sequential:
             nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
             nn.Linear(128, 10),
         )
+    if name == "transformer":
+        return DigitsTransformer()
     raise ValueError(f"unknown task {name!r}; choose from {TASKS}")
 
 
 def inputs_for(name: str, X: torch.Tensor) -> torch.Tensor:
-    return X.reshape(-1, 1, 8, 8) if name == "cnn" else X
+    if name == "cnn":
+        return X.reshape(-1, 1, 8, 8)
+    if name == "transformer":
+        return X.reshape(-1, 8, 8)  # 8 tokens (image rows) of 8 pixels
+    return X
 
 
 @dataclass
 class Task:
     name: str
-    model: nn.Sequential
+    model: nn.Module
     criterion: nn.Module
     X: torch.Tensor            # model inputs, all samples
     y: torch.Tensor
@@ -134,7 +167,7 @@ def weights_sha256(name: str) -> str | None:
 
 def _train(name: str, model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> None:
     torch.manual_seed(SEED)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2 if name == "mlp" else 3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE[name])
     crit = nn.CrossEntropyLoss()
     Xin = inputs_for(name, X)
     for _ in range(TRAIN_STEPS[name]):
@@ -158,6 +191,8 @@ def make_task(name: str, dtype=torch.float32, retrain: bool = False) -> Task:
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, path)
     model = model.to(dtype)
+    if name in EVAL_MODE:
+        model.eval()
     Xin = inputs_for(name, X).to(dtype)
     ds = torch.utils.data.TensorDataset(Xin, y)
     loader = torch.utils.data.DataLoader(ds, batch_size=BATCH_SIZE, shuffle=False)

@@ -8,7 +8,8 @@
 
 Matvecs are counted by wrapping ``HessianLinearOperator._matmat`` (class level, this
 process only) and adding the number of columns of each product: a product with K
-columns is one pass over the data computing K Hessian-vector products (vmap). The
+columns is one pass over the data computing K Hessian-vector products (vmap), counted
+as K matvecs and 1 pass. The
 count includes the products done by the constructor's ``check_deterministic`` and by
 ``lanczos_approximate_spectrum``'s internal eigsh estimate of the spectral boundaries.
 """
@@ -35,6 +36,7 @@ def run(task, quantity: str, cfg: dict, meter: dict) -> dict:
 
     def counted(self, M):
         meter["matvecs"] += int(M[0].shape[-1])
+        meter["passes"] += 1  # one _matmat call = one pass over the data, K columns at once
         return orig(self, M)
 
     HessianLinearOperator._matmat = counted

@@ -8,7 +8,9 @@
 
 (The 0.x API -- ``compute_hessian_eigenthings`` -- was removed in 1.0.0a1.)
 Matvecs are counted by wrapping the operator's ``matvec`` (one call = one full-data
-Hessian-vector product; the library has no batched product).
+Hessian-vector product = one pass over the loader; ``__call__``, ``__matmul__`` and
+``rmatvec`` all go through ``matvec``; the library has no batched product, so passes =
+matvecs).
 Known behaviour, reported in notes rather than fixed: ``HessianOperator`` averages the
 per-batch Hessians with equal weights (``total / n_batches``), so a smaller last batch
 (5 of 1797 samples here) is over-weighted and the operator is a different matrix from
@@ -34,6 +36,7 @@ def run(task, quantity: str, cfg: dict, meter: dict) -> dict:
 
     def counted(v):
         meter["matvecs"] += 1
+        meter["passes"] += 1  # full_dataset=True: one call = one pass over the loader
         return inner(v)
 
     H.matvec = counted

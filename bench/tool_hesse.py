@@ -8,7 +8,8 @@
 Matvecs are counted independently of hesse's own ``.matvecs`` by wrapping the
 operator's ``_matmat`` and adding the number of columns of every product (a product
 ``op @ V`` with K columns is one data pass computing K Hessian-vector products); if
-hesse's reported count differs, the note says so.
+hesse's reported count differs, the note says so. Passes: one ``_matmat`` call = one
+pass (checked against the operator's own ``op.passes`` where hesse has it).
 If ``import hesse`` fails or a function is missing, ``run`` raises ``NotAvailable``
 and the table says "not available yet".
 """
@@ -68,14 +69,23 @@ def _api():
     return api
 
 
-def _kwargs(fn, wanted: dict) -> dict:
-    """Pass only the keyword arguments ``fn`` accepts (the API is still settling)."""
+def _kwargs(fn, wanted: dict, required: tuple = ()) -> dict:
+    """Pass only the keyword arguments ``fn`` accepts (the API is still settling).
+
+    ``required`` names the settings every tool gets on equal terms (eigen tolerance,
+    trace budget, Lanczos steps, probes): if ``fn`` no longer accepts one, fail loudly
+    rather than silently fall back to hesse's own (changing) default.
+    """
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return wanted
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return wanted
+    lost = [k for k in required if k not in params]
+    if lost:
+        raise TypeError(f"{getattr(fn, '__name__', fn)} no longer accepts {lost}: the benchmark passes "
+                        "these explicitly so every tool runs with the same settings; update tool_hesse.py")
     return {k: v for k, v in wanted.items() if k in params}
 
 
@@ -86,6 +96,7 @@ def run(task, quantity: str, cfg: dict, meter: dict) -> dict:
 
     def counted(V):
         meter["matvecs"] += int(V.shape[1]) if V.ndim == 2 else 1
+        meter["passes"] += 1  # one _matmat call = one pass over the data, K columns at once
         return inner(V)
 
     op._matmat = counted
@@ -93,7 +104,7 @@ def run(task, quantity: str, cfg: dict, meter: dict) -> dict:
     if quantity in ("top1", "top5"):
         k = 1 if quantity == "top1" else cfg["k"]
         kw = _kwargs(hesse.eigenvalues, {"k": k, "which": "largest", "tol": cfg["eig_tol"],
-                                         "seed": cfg["seed"], "progress": False})
+                                         "seed": cfg["seed"], "progress": False}, required=("k", "tol"))
         res = hesse.eigenvalues(op, **kw)
         out["values"] = sorted((float(x) for x in res.values), reverse=True)
         conv = getattr(res, "converged", None)
@@ -106,7 +117,7 @@ def run(task, quantity: str, cfg: dict, meter: dict) -> dict:
         out["reported_matvecs"] = getattr(res, "matvecs", None)
     elif quantity == "trace":
         kw = _kwargs(hesse.trace, {"method": "hutch++", "budget": cfg["trace_budget"], "seed": cfg["seed"],
-                                   "progress": False})
+                                   "rtol": None, "progress": False}, required=("method", "budget"))
         res = hesse.trace(op, **kw)
         out["estimate"] = float(res.estimate)
         out["stderr"] = float(getattr(res, "stderr", float("nan")))
@@ -115,7 +126,7 @@ def run(task, quantity: str, cfg: dict, meter: dict) -> dict:
     elif quantity == "density":
         kw = _kwargs(hesse.density, {"num_probes": cfg["density_probes"],
                                      "lanczos_steps": cfg["density_steps"], "seed": cfg["seed"],
-                                     "progress": False})
+                                     "progress": False}, required=("num_probes", "lanczos_steps"))
         res = hesse.density(op, **kw)
         rv = getattr(res, "ritz_values", None)
         w = getattr(res, "weights", None)
@@ -134,4 +145,9 @@ def run(task, quantity: str, cfg: dict, meter: dict) -> dict:
     rep = out.get("reported_matvecs")
     if rep is not None and int(rep) != meter["matvecs"]:
         out["notes"].append(f"hesse reports {int(rep)} matvecs, counted {meter['matvecs']}")
+    rep_passes = getattr(res, "passes", None)
+    if rep_passes is not None and int(rep_passes) != meter["passes"]:
+        out["notes"].append(f"hesse reports {int(rep_passes)} passes, counted {meter['passes']}")
+    if isinstance(getattr(op, "method", None), str) and op.method == "auto" and getattr(op, "_chosen", None):
+        out["notes"].append("auto: " + ", ".join(f"K={k}->{m}" for k, m in sorted(op._chosen.items())))
     return out

@@ -7,7 +7,8 @@
     eigs, weights = h.density(iter=100, n_v=n)
 
 Matvecs are counted by wrapping the instance's ``dataloader_hv_product`` (one call =
-one Hessian-vector product over the full data set; PyHessian has no batched product).
+one Hessian-vector product over the full data set = one pass; PyHessian has no batched
+product, so passes = matvecs).
 Known behaviour, reported in notes rather than fixed: ``hessian()`` calls
 ``model.eval()`` and never restores the mode; eigenvalues come from deflated power
 iteration stopped at 1e-3 relative change of the Rayleigh quotient (not a residual
@@ -40,6 +41,7 @@ def run(task, quantity: str, cfg: dict, meter: dict) -> dict:
 
     def counted(v):
         meter["matvecs"] += 1
+        meter["passes"] += 1  # one product = one pass over the data loader
         return inner(v)
 
     h.dataloader_hv_product = counted
