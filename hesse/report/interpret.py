@@ -162,7 +162,9 @@ def per_layer(report: dict) -> str:
     tpp, se = layers.get("trace_per_parameter") or {}, layers.get("trace_per_parameter_stderr") or {}
     if ranking and tpp.get(ranking[0]) is not None:
         first = ranking[0]
-        text += f"Highest: {first!r} with {_g(tpp[first])} ± {_g(se.get(first))} per parameter. "
+        error = se.get(first)
+        text += (f"Highest: {first!r} with {_g(tpp[first])} ± {'n/a' if error is None else f'{error:.2g}'} "
+                 "per parameter. ")
     ties = layers.get("indistinguishable") or []
     if ties:
         text += ("Not distinguishable within 2 standard errors (their order is noise): "
