@@ -447,14 +447,14 @@ def main() -> None:
               help="Also compute a 2-D loss landscape in random filter-normalised directions.")
 @click.option("--sharpness", is_flag=True,
               help="Also measure worst-case (rho=0.05) and average (sigma=0.01) sharpness.")
-@click.option("--top-k", type=click.IntRange(min=1), help="Number of top eigenvalues [5].")
+@click.option("--top-k", type=click.IntRange(min=1), help="Number of top eigenvalues [12].")
 @click.option("--budget", type=click.IntRange(min=3),
               help="Matrix-vector products for the trace estimate (Hutch++) [60].")
 @click.option("--lanczos-steps", type=click.IntRange(min=1),
               help="Lanczos steps for the density and per-layer eigenvalues [40].")
 @click.option("--probes", type=click.IntRange(min=1), help="Random probes for the spectral density [3].")
 @click.option("--layer-probes", type=click.IntRange(min=2),
-              help="Random probes for the per-layer traces [16].")
+              help="Most products for the per-layer traces, which stop at 2% accuracy [300].")
 @click.option("--tol", type=FiniteFloatRange(min=0, min_open=True),
               help="Relative tolerance of the eigenvalues [1e-3].")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True),

@@ -79,3 +79,46 @@ def test_landscape_kinds(kind):
 def test_landscape_rejects_unknown_kinds():
     with pytest.raises(ValueError, match="line, contour, surface"):
         draw_landscape(new_figure((4, 3)), [0.0], None, [1.0], kind="heatmap")
+
+
+def _inside(fig, ax, renderer) -> bool:
+    box, canvas = ax.get_tightbbox(renderer), fig.bbox  # the axes with labels, title and tick labels
+    return (box.x0 >= canvas.x0 - 1 and box.y0 >= canvas.y0 - 1
+            and box.x1 <= canvas.x1 + 1 and box.y1 <= canvas.y1 + 1)
+
+
+def _within(limits, low, high, margin):
+    """``limits`` cover ``[low, high]`` and reach at most ``margin`` of the span beyond it."""
+    span = (high - low) or 1.0
+    return limits[0] <= low and limits[1] >= high and limits[0] >= low - margin * span and limits[1] <= high + margin * span
+
+
+def _report_figures():
+    from hesse.report import plots
+
+    stability = {"lr": 0.1, "top_eigenvalue": 7.4, "gd_threshold": 20.0, "batch_size": 32, "trace": 42.7,
+                 "trace_stderr": 0.9, "sgd_quantity": 8.5, "sgd_threshold": 20.0}
+    alphas = np.linspace(-1, 1, 5).tolist()
+    landscape = {"alphas": alphas, "betas": alphas, "loss": [[a * a + b * b + 1 for b in alphas] for a in alphas]}
+    names = ["fc2 (Linear)", "conv1 (Conv2d)", "conv2 (Conv2d)", "a-rather-long-block-name (Linear)"]
+    yield "eigenvalues", plots.top_eigenvalues_figure([7.4, 5.6, 4.7, 3.7, None], [True] * 4 + [False]), (0, 7.4)
+    yield "per-layer", plots.per_layer_figure(names, [0.031, 0.021, 0.0038, 0.0031], [2e-4, 5e-5, 3e-5, 2e-5],
+                                              "trace per parameter Tr/n"), (0, 0.031 + 4e-4)
+    yield "per-layer", plots.per_layer_figure(names, [10.4, 1.7, 4.4, None], None, "trace"), (0, 10.4)
+    yield "stability", plots.stability_figure(stability), (0, 20.0)
+    yield "landscape", plots.landscape_figure(landscape), (-1, 1)
+
+
+def test_every_report_plot_fits_its_data_and_its_canvas():
+    for name, fig, (low, high) in _report_figures():
+        renderer = _rendered(fig)
+        (ax,) = [a for a in fig.axes if a.get_label() != "<colorbar>"]
+        assert _inside(fig, ax, renderer), name
+        value_limits = ax.get_xlim() if name == "per-layer" else ax.get_ylim()
+        assert _within(value_limits, low, high, 0.35), (name, value_limits)
+        if name == "eigenvalues":
+            assert ax.get_xlim() == (0.5, 5.5)
+        if name == "per-layer":
+            assert ax.get_ylim() == (-0.6, 3.6)
+        if name == "landscape":
+            assert _within(ax.get_xlim(), -1, 1, 0.05)

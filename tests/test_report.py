@@ -83,7 +83,10 @@ def test_interpretation_names_verdicts_and_outliers():
         "data": {"description": "data", "num_samples": 10},
         "curvature": {"kind": "hessian"},
         "loss": 0.5, "gradient_norm": 0.1,
-        "outliers": {"num_outliers": 2, "outliers": [9.0, 5.0], "bulk_edge": 1.0},
+        "outliers": {"num_outliers": 2, "outliers": [9.0, 5.0], "bulk_edge": 1.0, "gap_ratio": 5.0,
+                     "trace_share": 0.7, "values_used": 3, "source": "eigenvalues", "num_classes": 3,
+                     "reason": "2 outlier(s): the largest ratio x_2/x_3 = 5/1 = 5 >= min_ratio=1.5",
+                     "rule": "largest ratio x_k/x_(k+1) of the converged eigenvalues, at least min_ratio=1.5"},
         "results": {
             "eigenvalues": {"values": [9.0, 5.0, 1.0], "converged": [True, True, False]},
             "density": {"ritz_values": [[-2.0, 0.5, 9.0]], "weights": [[0.2, 0.7, 0.1]], "grid": [-3.0, 10.0]},
@@ -95,9 +98,10 @@ def test_interpretation_names_verdicts_and_outliers():
     }
     texts = interpret(report)
     assert set(texts) == {"overview", "eigenvalues", "density", "stability"}
-    assert "0.2222" in texts["eigenvalues"] and "diverges only well beyond it" in texts["eigenvalues"]  # 2 / 9
-    assert "would make training diverge" not in texts["eigenvalues"]
-    assert "2 outliers" in texts["density"] and "20%" in texts["density"]
+    assert "0.2222" in texts["eigenvalues"] and "self-stabilises at the edge of stability" in texts["eigenvalues"]
+    assert "diverge" not in texts["eigenvalues"]
+    assert "2 outliers" in texts["density"] and "20%" in texts["density"] and "70% of the trace" in texts["density"]
+    assert "x_2/x_3 = 5/1" in texts["density"] and "min_ratio=1.5" in texts["density"]  # the reason and the rule
     assert "edge of stability" in texts["stability"] and "violated" in texts["stability"]
     assert "batch size 1" in texts["stability"] and "assumed" not in texts["stability"]
 
@@ -147,7 +151,8 @@ def test_full_batch_gives_the_gd_verdict_only_and_says_what_it_means():
     text = interpret(report)["stability"]
     assert "Full-batch GD assumed" in text and "SGD" not in text.replace("--train-batch-size B for the mini-batch SGD", "")
     assert "not a prediction of divergence" in text and "edge of stability (Cohen et al. 2021)" in text
-    assert "diverges only well beyond it" in text and "would make training diverge" not in text
+    assert "locally unstable along the top eigenvector of the quadratic model" in text
+    assert "would diverge" not in text and "diverges" not in text
     rows = dict(summary_rows(report))
     assert rows["GD stability (lr=0.2, full-batch GD assumed)"] == "λ₁/threshold = 1.3: locally unstable"
     assert not any(label.startswith("SGD") for label in rows)

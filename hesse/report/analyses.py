@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+import torch
+from torch import nn
 
 from hesse.analysis import bulk_outlier_split, per_layer, stability
 from hesse.analysis.landscape import loss_landscape
@@ -16,6 +17,7 @@ from hesse.analysis.sharpness import average_sharpness, worst_case_sharpness
 from hesse.errors import HesseError
 from hesse.linalg import density, eigenvalues, trace
 from hesse.operators import Objective
+from hesse.operators.data import to_device
 from hesse.operators.curvature import CurvatureOperator
 
 SPECTRAL_ANALYSES = ("eigenvalues", "trace", "density", "per-layer", "stability")
@@ -24,6 +26,7 @@ ANALYSES = SPECTRAL_ANALYSES + EXTRA_ANALYSES
 LANDSCAPE_STEPS = 11
 SHARPNESS_RHO = 0.05
 SHARPNESS_SIGMA = 0.01
+LAYER_RTOL = 0.02  # per-layer traces to 2% (95% confidence), within the layer_probes products cap
 
 
 @dataclass
@@ -31,12 +34,12 @@ class AnalysisSettings:
     """Budgets and options of every analysis (the CLI's ``--top-k``, ``--budget``, ...)."""
 
     analyses: tuple[str, ...] = SPECTRAL_ANALYSES
-    top_k: int = 5
+    top_k: int = 12  # enough to see past 9-10 class outliers (digits, C=10) to the bulk: C + 2
     tol: float = 1e-3
     budget: int = 60
     lanczos_steps: int = 40
     probes: int = 3
-    layer_probes: int = 16
+    layer_probes: int = 300  # the cap on per-layer trace products; they stop at LAYER_RTOL
     lr: float | None = None
     train_batch_size: int | None = None  # the training batch size B of the SGD check; None: full-batch GD
     seed: int = 0
@@ -66,6 +69,7 @@ class AnalysisRun:
     matvecs: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     interrupted: str | None = None
+    num_classes: int | None = None  # C of a classifier (see num_classes), for the outlier count
 
     @property
     def complete(self) -> bool:
@@ -90,7 +94,7 @@ def _analysis_calls(op: CurvatureOperator, s: AnalysisSettings, progress: bool) 
             op, num_probes=s.probes, lanczos_steps=s.lanczos_steps, seed=s.seed, progress=progress
         ),
         "per-layer": lambda: per_layer(
-            op, by=s.layer_blocks, tol=s.tol, max_steps=s.lanczos_steps, trace_probes=s.layer_probes,
+            op, by=s.layer_blocks, rtol=LAYER_RTOL, trace_probes=s.layer_probes, tol=s.tol, max_steps=s.lanczos_steps,
             seed=s.seed, progress=progress,
         ),
         "stability": lambda: stability(op, s.lr, batch_size=s.train_batch_size, tol=s.tol, trace_budget=s.budget,
@@ -112,7 +116,8 @@ def run_analyses(
     did not) attached as ``error.partial``. A partial result of the interrupted analysis
     is left out of the results, and a warning says so.
     """
-    run = AnalysisRun()
+    counted = {"eigenvalues", "density"} & set(settings.analyses)
+    run = AnalysisRun(num_classes=num_classes(op) if counted else None)
     calls = _analysis_calls(op, settings, progress)
     for name in (a for a in ANALYSES if a in settings.analyses):
         try:
@@ -146,14 +151,50 @@ def _run_one(run: AnalysisRun, name: str, call: Callable[[], Any]) -> None:
 
 
 def outlier_summary(run: AnalysisRun) -> dict | None:
-    """Outliers above the bulk: from the density's Ritz values, else from the top-k eigenvalues."""
-    dens = run.results.get("density")
-    rows = [] if dens is None else [np.asarray(row, dtype=float) for row in dens.ritz_values]
-    splits = [bulk_outlier_split(row[np.isfinite(row)]) for row in rows if np.isfinite(row).sum() >= 3]
-    if splits:  # the probe with the median count (the lower one of an even number of probes)
-        median = sorted(splits, key=lambda split: split.num_outliers)[(len(splits) - 1) // 2]
-        return {**median.to_dict(), "rule": "largest relative gap, the SLQ probe with the median count"}
-    eig = run.results.get("eigenvalues")
-    if eig is not None and len(eig.values) >= 3:
-        return bulk_outlier_split(eig).to_dict()
-    return None
+    """How many eigenvalues stand out of the bulk (:func:`hesse.analysis.bulk_outlier_split`, with the trace).
+
+    From the top-k eigenvalues when their converged values reach past the expected count
+    (:func:`values_needed`); otherwise from whichever of the density (the Ritz values all
+    probes agree on) and the eigenvalues saw more reliable values. The dict adds ``source``
+    ("eigenvalues" or "density"), ``num_classes`` and ``values_needed``.
+    """
+    trace_result = run.results.get("trace")
+    eig, dens = run.results.get("eigenvalues"), run.results.get("density")
+    splits = {}
+    if eig is not None and len(eig.values) >= 3 and eig.which != "smallest":
+        splits["eigenvalues"] = bulk_outlier_split(eig, trace=trace_result)
+    if dens is not None:
+        splits["density"] = bulk_outlier_split(dens, trace=trace_result)
+    if not splits:
+        return None
+    needed = values_needed(run.num_classes, splits.get("eigenvalues", splits.get("density")))
+    eig_split = splits.get("eigenvalues")
+    if eig_split is not None and eig_split.values_used >= needed:
+        source = "eigenvalues"
+    else:  # the source that saw more (the eigenvalues on a tie)
+        source = max(splits, key=lambda name: (splits[name].values_used, name == "eigenvalues"))
+    return {**splits[source].to_dict(), "source": source, "num_classes": run.num_classes, "values_needed": needed}
+
+
+def values_needed(num_classes: int | None, split) -> int:
+    """Reliable eigenvalues needed to see the gap below the outliers: ``C + 2`` for ``C`` classes
+    (a gap after ``C - 1`` or ``C`` outliers, with two bulk values below it); without a class
+    count, twice the outliers found plus one (at least 3)."""
+    if num_classes:
+        return num_classes + 2
+    return max(3, 2 * split.num_outliers + 1)
+
+
+def num_classes(op: CurvatureOperator) -> int | None:
+    """``C`` for a classifier (cross-entropy or NLL loss on ``(N, C)`` outputs), from the model's
+    output on the first batch; ``None`` for any other loss or when that cannot be run."""
+    objective = getattr(op, "objective", None)
+    if objective is None or not isinstance(getattr(objective, "criterion", None), (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return None
+    try:
+        batch = to_device(next(iter(objective.data)), objective.device)
+        with torch.no_grad():
+            output, _ = objective.call_model(objective.values(), batch)
+    except Exception:  # noqa: BLE001 - a count for the report only; the analyses report real errors
+        return None
+    return int(output.shape[-1]) if getattr(output, "ndim", 0) == 2 and output.shape[-1] >= 2 else None

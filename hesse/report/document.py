@@ -106,11 +106,9 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     if "trace" in results:
         rows.append(("trace", f"{g(results['trace']['estimate'])} ± {g(results['trace']['stderr'])}"))
     if report.get("outliers"):
-        rows.append(("outliers above the bulk", str(report["outliers"]["num_outliers"])))
-    if "per_layer" in results:
-        layers = results["per_layer"]
-        heaviest = max(layers["names"], key=lambda n: -math.inf if layers["trace"][n] is None else layers["trace"][n])
-        rows.append(("largest per-layer trace", f"{heaviest} ({g(layers['trace'][heaviest])})"))
+        rows.extend(outlier_rows(report["outliers"]))
+    if "per_layer" in results and results["per_layer"].get("ranking"):
+        rows.append(("highest curvature per parameter", top_layer(results["per_layer"])))
     if "stability" in results:
         rows.extend(_stability_rows(report, g))
     if "sharpness" in results:
@@ -132,3 +130,29 @@ def _stability_rows(report: dict, g: Callable[[float | None], str]) -> list[tupl
     return [(f"GD stability (lr={st['lr']:g})", f"λ₁/threshold = {g(st['gd_ratio'])}: {st['gd_verdict'].split(':')[0]}"),
             (f"SGD stability (lr={st['lr']:g}, B={B})",
              f"{quantity}/(2/lr) = {g(st['sgd_ratio'])}: {st['sgd_verdict'].split(':')[0]}")]
+
+
+def outlier_rows(outliers: dict) -> list[tuple[str, str]]:
+    """``count (λ_k/λ_k+1 = ratio, share of the trace)``, or the reason no count stands out; the
+    bulk edge only when there is one."""
+    count = outliers["num_outliers"]
+    if not count:
+        return [("outliers above the bulk", f"0 ({outliers['reason']})")]
+    share = outliers.get("trace_share")
+    details = [f"λ_k/λ_k+1 = {outliers['gap_ratio']:.3g}"] + ([] if share is None else [f"{100 * share:.0f}% of the trace"])
+    rows = [("outliers above the bulk", f"{count} ({', '.join(details)})")]
+    if outliers.get("bulk_edge") is not None:
+        rows.append(("bulk edge (largest bulk eigenvalue)", f"{outliers['bulk_edge']:.5g}"))
+    return rows
+
+
+def top_layer(layers: dict) -> str:
+    """``block (Tr/n ± s.e.)`` of the first block of the per-parameter ranking, and the block it
+    cannot be told apart from, if any."""
+    first = layers["ranking"][0]
+    tpp, se = layers["trace_per_parameter"][first], layers["trace_per_parameter_stderr"][first]
+    if tpp is None:
+        return f"{first} (n/a)"
+    text = f"{first} ({tpp:.3g} ± {se:.2g})" if se is not None else f"{first} ({tpp:.3g})"
+    tied = [b for a, b in layers.get("indistinguishable") or [] if a == first]
+    return text + (f" (not distinguishable from {tied[0]})" if tied else "")

@@ -49,12 +49,13 @@ def figures(report: dict) -> dict[str, list[str]]:
         ]
     if "per_layer" in results:
         layers = results["per_layer"]
-        names = layers["names"]
+        names = layers.get("ranking") or layers["names"]
         out["per_layer"] = [
+            _img(plots.per_layer_plot(names, [layers["trace_per_parameter"][n] for n in names],
+                                      [layers["trace_per_parameter_stderr"][n] for n in names],
+                                      "trace per parameter Tr/n"), "per-layer trace per parameter"),
             _img(plots.per_layer_plot(names, [layers["trace"][n] for n in names],
                                       [layers["trace_stderr"][n] for n in names], "trace"), "per-layer trace"),
-            _img(plots.per_layer_plot(names, [layers["top_eigenvalue"][n] for n in names], None,
-                                      "top eigenvalue"), "per-layer top eigenvalue"),
         ]
     if "stability" in results:
         out["stability"] = [_img(plots.stability_plot(results["stability"]), "stability comparison")]
@@ -69,21 +70,33 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return f"<table>{cells}</table>"
 
 
+PER_LAYER_HEAD = ("rank", "block", "size", "trace ± s.e.", "trace per parameter ± s.e.", "top eigenvalue",
+                  "trace method")
+
+
 def _per_layer_table(layers: dict) -> str:
-    """One row per block: size, top eigenvalue, trace and its standard error."""
-    head = "<tr><th>block</th><th>size</th><th>top eigenvalue</th><th>trace</th><th>± s.e.</th></tr>"
+    """One row per block in ranking order (trace per parameter): ``=`` marks a rank not resolved
+    from the next one's (within 2 standard errors)."""
+    names = layers.get("ranking") or layers["names"]
+    tied = {a for a, _ in layers.get("indistinguishable") or []}
+    tpp, tpp_se = layers.get("trace_per_parameter") or {}, layers.get("trace_per_parameter_stderr") or {}
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in PER_LAYER_HEAD)
     body = "".join(
-        f"<tr><td>{html.escape(n)}</td><td>{layers['sizes'][n]:,}</td>"
-        f"<td>{_num(layers['top_eigenvalue'][n])}</td><td>{_num(layers['trace'][n])}</td>"
-        f"<td>{_num(layers['trace_stderr'][n])}</td></tr>"
-        for n in layers["names"]
+        f"<tr><td>{i + 1}{'=' if n in tied else ''}</td><td>{html.escape(n)}</td><td>{layers['sizes'][n]:,}</td>"
+        f"<td>{_num(layers['trace'][n])} ± {_num(layers['trace_stderr'][n], 2)}</td>"
+        f"<td>{_num(tpp.get(n), 4)} ± {_num(tpp_se.get(n), 2)}</td>"
+        f"<td>{_num(layers['top_eigenvalue'][n])}{'' if (layers.get('eigen_converged') or {}).get(n, True) else ' (unconverged)'}</td>"
+        f"<td>{html.escape(str(layers['trace_method'].get(n, 'n/a')))}</td></tr>"
+        for i, n in enumerate(names)
     )
-    return f"<table>{head}{body}</table>"
+    note = ("<p class='muted'>= : not distinguishable from the next block within 2 standard errors; "
+            f"the traces aim at {100 * layers.get('rtol', 0.02):g}% accuracy (95% confidence).</p>")
+    return f"<table><tr>{head}</tr>{body}</table>{note}"
 
 
-def _num(x: float | None) -> str:
-    """A number to 5 significant digits, ``n/a`` for a missing one."""
-    return "n/a" if x is None else f"{x:.5g}"
+def _num(x: float | None, digits: int = 5) -> str:
+    """A number to ``digits`` significant digits, ``n/a`` for a missing one."""
+    return "n/a" if x is None else f"{x:.{digits}g}"
 
 
 def _incomplete_banner(report: dict) -> str:

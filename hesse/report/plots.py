@@ -50,6 +50,11 @@ def density_plot(density: dict, outliers: list[float], log: bool) -> str:
 
 
 def top_eigenvalues_plot(values: list[float], converged: list[bool]) -> str:
+    """:func:`top_eigenvalues_figure` as a base64 PNG."""
+    return _png(top_eigenvalues_figure(values, converged))
+
+
+def top_eigenvalues_figure(values: list[float], converged: list[bool]) -> Figure:
     """The top-k eigenvalues as a stem plot; hollow markers for unconverged ones."""
     heights = _floats(values)
     fig = new_figure(FIGSIZE, DPI)
@@ -63,23 +68,46 @@ def top_eigenvalues_plot(values: list[float], converged: list[bool]) -> str:
     ax.set_xlabel("rank i")
     ax.set_ylabel("eigenvalue λ_i")
     ax.set_title("top eigenvalues")
+    ax.set_xlim(0.5, len(heights) + 0.5)
+    _fit_y(ax, np.append(heights, 0.0))
     fig.tight_layout()
-    return _png(fig)
+    return fig
+
+
+def _fit_y(ax, values: np.ndarray, top_margin: float = 0.08) -> None:
+    """Y-limits from the finite ``values`` with a small margin (none if nothing is finite)."""
+    finite = values[np.isfinite(values)]
+    if finite.size:
+        low, high = float(finite.min()), float(finite.max())
+        pad = (high - low) * top_margin or max(abs(high), 1.0) * top_margin
+        ax.set_ylim(low - (pad if low < 0 else 0.0), high + pad)
 
 
 def per_layer_plot(names: list[str], values: list[float], errors: list[float] | None, label: str) -> str:
-    """Horizontal bars, one per block (first block at the top), with optional error bars."""
+    """:func:`per_layer_figure` as a base64 PNG."""
+    return _png(per_layer_figure(names, values, errors, label))
+
+
+def per_layer_figure(names: list[str], values: list[float], errors: list[float] | None, label: str) -> Figure:
+    """Horizontal bars, one per block (first block at the top), with ±2 s.e. error bars if given."""
     fig = new_figure((FIGSIZE[0], max(2.4, 0.35 * len(names) + 1.2)), DPI)
     ax = fig.add_subplot()
     y = np.arange(len(names))[::-1]
-    ax.barh(y, _floats(values), xerr=None if errors is None else _floats(errors), color="C1", capsize=3)
+    widths = _floats(values)
+    spans = np.zeros_like(widths) if errors is None else 2 * np.nan_to_num(_floats(errors), posinf=0.0)
+    ax.barh(y, np.nan_to_num(widths), xerr=None if errors is None else spans, color="C1", capsize=3)
     ax.set_yticks(y)
     ax.set_yticklabels(names, fontsize=8)
+    ax.set_ylim(-0.6, len(names) - 0.4)
     ax.axvline(0, color="black", lw=0.6)
-    ax.set_xlabel(label)
-    ax.set_title(f"{label} per block")
+    ends = np.concatenate([[0.0], np.nan_to_num(widths) + spans, np.nan_to_num(widths) - spans])
+    low, high = float(ends.min()), float(ends.max())
+    pad = 0.05 * ((high - low) or 1.0)
+    ax.set_xlim(low - (pad if low < 0 else 0.0), high + pad)
+    ax.set_xlabel(label + ("" if errors is None else " (±2 s.e.)"))
+    ax.set_title(f"{label}, by block (rank 1 at the top)")
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def _stability_groups(stability: dict) -> list[tuple[str, float | None, float | None, float | None]]:
@@ -98,6 +126,11 @@ def _stability_groups(stability: dict) -> list[tuple[str, float | None, float | 
 
 
 def stability_plot(stability: dict) -> str:
+    """:func:`stability_figure` as a base64 PNG."""
+    return _png(stability_figure(stability))
+
+
+def stability_figure(stability: dict) -> Figure:
     """Bar pairs: λ_max vs (2+2 momentum)/lr (GD) and, unless full batch, tr/B + (1−1/B)λ₁ vs 2/lr (SGD at B)."""
     groups = _stability_groups(stability)
     fig = new_figure(FIGSIZE, DPI)
@@ -118,10 +151,15 @@ def stability_plot(stability: dict) -> str:
         ax.set_ylim(1.1 * np.nanmin(lows), 1.3 * np.nanmax(tops))  # headroom for the legend
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def landscape_plot(landscape: dict) -> str:
+    """:func:`landscape_figure` as a base64 PNG."""
+    return _png(landscape_figure(landscape))
+
+
+def landscape_figure(landscape: dict) -> Figure:
     """Contour lines of the loss over the 2-D plane through the weights (marked +)."""
     fig = new_figure((5.2, 4.4), DPI)
     draw_landscape(fig, _floats(landscape["alphas"]), _floats(landscape["betas"]),
@@ -129,4 +167,4 @@ def landscape_plot(landscape: dict) -> str:
                    title="loss landscape (random filter-normalised directions)",
                    labels=("direction 1", "direction 2"))
     fig.tight_layout()
-    return _png(fig)
+    return fig
