@@ -160,3 +160,21 @@ def test_a_criterion_class_instead_of_an_instance_is_refused():
     with pytest.raises(hesse.HesseError, match=r"criterion is the class CrossEntropyLoss, not a loss: create one, "
                                                r"e.g. CrossEntropyLoss\(\)"):
         hesse.Objective(nn.Linear(2, 2), nn.CrossEntropyLoss, (torch.randn(3, 2), torch.tensor([0, 1, 0])))
+
+
+def test_busy_machine_with_several_threads_is_warned_once(monkeypatch):
+    import os
+
+    from hesse.operators import _guards
+
+    monkeypatch.setattr(_guards, "_warned_threads", False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    X, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    with pytest.warns(RuntimeWarning, match="torch.set_num_threads\\(1\\)"):
+        hesse.Objective(nn.Linear(3, 2), nn.CrossEntropyLoss(), (X, y)).loss()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        hesse.Objective(nn.Linear(3, 2), nn.CrossEntropyLoss(), (X, y)).loss()

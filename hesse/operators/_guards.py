@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -108,6 +110,29 @@ def check_first_batch(model: nn.Module, run: Callable[[], Any], stochastic: bool
             )
     if len(first) != len(second):
         raise HesseError("the model ran different modules on the same batch twice; it is random or stateful.")
+
+
+def warn_if_threads_contend() -> None:
+    """Warn once when torch's threads compete with other work for the cores.
+
+    On a machine whose load average exceeds its core count, torch's OpenMP threads wait on
+    each other: a small model's product measured 60x slower with 2 threads than with 1.
+    """
+    global _warned_threads
+    if _warned_threads or torch.get_num_threads() <= 1 or not hasattr(os, "getloadavg"):
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        _warned_threads = True
+        warnings.warn(
+            f"the machine is busy (load average {load:.1f} on {cores} cores) and torch uses "
+            f"{torch.get_num_threads()} threads, which then wait on each other: products can be many "
+            "times slower. Call torch.set_num_threads(1) (or the number of idle cores).",
+            RuntimeWarning, stacklevel=4,
+        )
+
+
+_warned_threads = False
 
 
 def check_criterion_shapes(criterion: Any, output: Any, target: Any) -> None:

@@ -30,7 +30,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hesse._progress import progress_bar
 from hesse.errors import HesseError
-from hesse.operators._guards import check_criterion_shapes, check_first_batch, check_model_mode, mode_signature
+from hesse.operators._guards import (
+    check_criterion_shapes,
+    check_first_batch,
+    check_model_mode,
+    mode_signature,
+    warn_if_threads_contend,
+)
 from hesse.operators.data import (
     Batch,
     BatchCache,
@@ -327,6 +333,7 @@ class Objective:
             weight = float(n) if self.reduction == "mean" else 1.0
             with sdpa_kernel(SDPBackend.MATH):  # fused attention has no forward-mode or second derivatives
                 if index == 0 and self._checked_modes != mode_signature(self.model):
+                    warn_if_threads_contend()
                     check_first_batch(self.model, lambda: self.call_model(self.values(), batch), self.stochastic)
                     self._checked_modes = mode_signature(self.model)
                 value = per_batch(batch, index, weight)
