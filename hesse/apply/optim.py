@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hesse.analysis.landscape import eval_mode
 from hesse.errors import HesseError
@@ -83,11 +84,15 @@ class _ClosureOptimizer(torch.optim.Optimizer):
             self._rng(self._params()[0].device).set_state(generator)
 
 
-def _call(closure: Closure | None, what: str) -> Any:
-    """Run the closure with gradients enabled (``step`` itself runs under ``no_grad``)."""
+def _call(closure: Closure | None, what: str, twice_differentiable: bool = False) -> Any:
+    """Run the closure with gradients enabled (``step`` itself runs under ``no_grad``); for
+    Hessian-vector products, attention uses the math kernel (fused kernels have no double backward)."""
     if closure is None:
         raise HesseError(f"{what}.step needs a closure that computes and returns the loss "
                          "(without calling backward): opt.step(lambda: criterion(model(x), y)).")
+    if twice_differentiable:
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            return closure()
     with torch.enable_grad():
         return closure()
 
@@ -164,7 +169,7 @@ class AdaHessian(_ClosureOptimizer):
     def step(self, closure: Closure | None = None) -> torch.Tensor:
         """One AdaHessian step; returns the (detached) loss at the current weights."""
         params = self._params()
-        loss = _as_loss(_call(closure, "AdaHessian"), "AdaHessian")
+        loss = _as_loss(_call(closure, "AdaHessian", twice_differentiable=True), "AdaHessian")
         grads = _gradients(loss, params, create_graph=True)
         zs = self.rademacher(params)
         hvs = _hvp(grads, params, zs)
@@ -228,8 +233,9 @@ class _Sophia(_ClosureOptimizer):
     def step(self, closure: Closure | None = None) -> torch.Tensor:
         """One Sophia step; returns the (detached) loss at the current weights."""
         name = type(self).__name__
-        params, output = self._params(), _call(closure, name)
         estimate = self.steps % self.update_interval == 0
+        params = self._params()
+        output = _call(closure, name, twice_differentiable=estimate and isinstance(self, SophiaH))
         if estimate:
             loss, grads, hessian = self._estimate(output, params)
         else:
@@ -321,11 +327,11 @@ class SophiaG(_Sophia):
 
     def _estimate(self, output: Any, params: list[torch.Tensor]):
         loss, logits = self._split(output)
-        rows = logits.reshape(-1, logits.shape[-1])
-        g = self._rng(rows.device)
-        with torch.no_grad():
-            sampled = torch.multinomial(torch.softmax(rows.detach().float(), dim=-1), 1, generator=g).squeeze(1)
-        with torch.enable_grad():  # the graph is kept for the loss's gradient, freed just after
+        with torch.enable_grad():  # (step runs under no_grad; the reshape must stay on the graph)
+            rows = logits.reshape(-1, logits.shape[-1])
+            probs = torch.softmax(rows.detach().float(), dim=-1)
+            sampled = torch.multinomial(probs, 1, generator=self._rng(rows.device)).squeeze(1)
+            # the graph is kept for the loss's own gradient, and freed by it just after
             sampled_grads = torch.autograd.grad(F.cross_entropy(rows, sampled), params, retain_graph=True,
                                                 allow_unused=True)
         B = rows.shape[0]
@@ -542,7 +548,7 @@ class KFACOptimizer(torch.optim.Optimizer):
                     buf.mul_(group["momentum"]).add_(directions[p])
                     p.add_(buf, alpha=-group["lr"])
         self.steps += 1
-        return loss
+        return loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer state plus the step count and the averaged and inverted factors."""
