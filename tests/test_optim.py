@@ -205,6 +205,23 @@ def test_kfac_step_equals_damped_kfac_inverse_times_gradient():
     assert torch.allclose(w1, w0 - 0.5 * (inverse @ g), atol=1e-12)
 
 
+def test_kfac_attention_rows_are_preconditioned_by_their_own_blocks():
+    torch.manual_seed(0)
+    model, crit = TinyTransformer().double(), nn.CrossEntropyLoss()
+    batch = {"input_ids": torch.randint(0, 20, (4, 5)), "attention_mask": torch.ones(4, 5, dtype=torch.long),
+             "labels": torch.randint(0, 3, (4,))}
+    names = ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"]
+    op = hesse.KFAC(model, crit, batch, params=names, kind="mc", seed=3)
+    op.refresh()
+    crit(model(batch["input_ids"], batch["attention_mask"]), batch["labels"]).backward()
+    named = dict(model.named_parameters())
+    g = torch.cat([named[n].grad.reshape(-1) for n in names])
+    w0 = torch.cat([named[n].detach().reshape(-1) for n in names])
+    KFACOptimizer(model, crit, lr=0.5, momentum=0.0, damping=0.1, seed=3).step(batch=batch)
+    w1 = torch.cat([named[n].detach().reshape(-1) for n in names])
+    assert torch.allclose(w1, w0 - 0.5 * (op.inverse(0.1) @ g), atol=1e-10)
+
+
 def test_kfac_plain_sgd_for_parameters_without_a_block():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))

@@ -520,7 +520,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             if all(q in out for q in params):
                 lam = groups[params[0]]["damping"]
                 vectors = {s.param: out[q].unsqueeze(0) for s, q in zip(block.layer.slots, params)}
-                solved = {s.param: torch.empty_like(vectors[s.param]) for s in block.layer.slots}
+                solved = {n: v.clone() for n, v in vectors.items()}  # a block may own only some rows (q/k/v)
                 block.scatter(block.solve(block.gather(vectors), lam), solved)
                 out.update({q: solved[s.param][0] for s, q in zip(block.layer.slots, params)})
         return out
