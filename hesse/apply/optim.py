@@ -491,6 +491,9 @@ class KFACOptimizer(torch.optim.Optimizer):
     def _refresh_factors(self, batch: Any) -> None:
         """Average in the factors of ``batch`` at the current weights."""
         names = [s.param for layer in self._layers.values() for s in layer.slots]
+        if any(not bool(torch.isfinite(p).all()) for g in self.param_groups for p in g["params"]):
+            raise HesseError("KFACOptimizer: the parameters are not finite (training diverged); "
+                             "lower lr or raise damping.")
         with eval_mode(self.model):
             op = KFAC(self.model, self.criterion, batch, params=names, seed=self.seed + self.steps,
                       stochastic=True, check_data=False, **self.kfac_kwargs)
