@@ -113,6 +113,8 @@ def run(name: str, lr: float, seed: int, data: tuple[torch.Tensor, ...], args: a
     opt = make_optimizer(name, model, lr, criterion)
     monitor = SharpnessMonitor(model, criterion, (Xtr[:256], ytr[:256]), every=args.monitor_every, optimizer=opt) \
         if args.monitor else None
+    if monitor is not None:
+        monitor.record()  # the sharpness at initialisation
     order_gen = torch.Generator().manual_seed(1000 + seed)
     curve, step, seconds = [], 0, 0.0
     curve.append(dict(step=0, seconds=0.0, epoch=0, **_metrics(model, criterion, data)))

@@ -507,7 +507,7 @@ class KFACOptimizer(torch.optim.Optimizer):
     def _invert(self) -> None:
         """Eigendecompose the averaged factors (the "inverse" of K-FAC; damping enters at solve time)."""
         self._inverted = {k: (A.clone(), S.clone()) for k, (A, S) in self._factors.items()}
-        self._blocks = {k: KroneckerBlock(self._layers[k], A, S) for k, (A, S) in self._inverted.items()}
+        self._blocks = _eigen_blocks(self._layers, self._inverted)
 
     def _directions(self) -> dict[torch.Tensor, torch.Tensor]:
         """``g + wd·w`` per parameter, preconditioned block by block where a K-FAC block exists
@@ -524,7 +524,7 @@ class KFACOptimizer(torch.optim.Optimizer):
                 lam = groups[params[0]]["damping"]
                 vectors = {s.param: out[q].unsqueeze(0) for s, q in zip(block.layer.slots, params)}
                 solved = {n: v.clone() for n, v in vectors.items()}  # a block may own only some rows (q/k/v)
-                block.scatter(block.solve(block.gather(vectors), lam), solved)
+                block.scatter(block.solve(block.gather(vectors).double(), lam), solved)  # copy_ casts back
                 out.update({q: solved[s.param][0] for s, q in zip(block.layer.slots, params)})
         return out
 
@@ -564,5 +564,12 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.steps = state_dict.pop("steps")
         self._factors = {k: (A.clone(), S.clone()) for k, (A, S) in state_dict.pop("factors").items()}
         self._inverted = state_dict.pop("inverted")
-        self._blocks = {k: KroneckerBlock(self._layers[k], A.clone(), S.clone()) for k, (A, S) in self._inverted.items()}
+        self._blocks = _eigen_blocks(self._layers, self._inverted)
         super().load_state_dict(state_dict)
+
+
+def _eigen_blocks(layers: dict[str, Any], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, KroneckerBlock]:
+    """:class:`KroneckerBlock` per layer, eigendecomposed in float64: float32 ``eigh`` fails to
+    converge on factors with many repeated eigenvalues (e.g. ``A`` of a convolution whose
+    zero-padded patches are often all zero)."""
+    return {k: KroneckerBlock(layers[k], A.double(), S.double()) for k, (A, S) in factors.items()}
