@@ -220,7 +220,7 @@ def plot(runs: list[dict[str, Any]], table: dict[str, dict[str, Any]], args: arg
         ax.axhline(args.target, color="grey", lw=0.8, ls="--")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{args.dataset} {args.model}: {args.epochs} epochs, batch {args.batch_size}, "
-                 f"{len(args.seeds)} seeds, best of {len(GRIDS['sgd'])} learning rates")
+                 f"{len(args.seeds)} seeds, best of {len(args.lrs or GRIDS['sgd'])} learning rates")
     return fig
 
 
@@ -230,6 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
     parser.add_argument("--optimizers", nargs="+", choices=tuple(GRIDS), default=list(GRIDS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--lrs", nargs="+", type=float, default=None,
+                        help="one learning-rate grid for all selected optimizers (default: each one's GRIDS entry)")
     parser.add_argument("--epochs", type=int, default=20, help="budget of passes over the training split")
     parser.add_argument("--seconds", type=float, default=None, help="budget of training seconds per run")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -238,6 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--monitor", action="store_true", help="attach hesse.SharpnessMonitor to every run")
     parser.add_argument("--monitor-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tag", default="", help="suffix of the output files' names")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "output")
     return parser.parse_args(argv)
 
@@ -248,14 +251,14 @@ def main(argv: list[str] | None = None) -> None:
     data = split(args.dataset)
     runs = []
     for name in args.optimizers:
-        for lr in GRIDS[name]:
+        for lr in args.lrs or GRIDS[name]:
             for seed in args.seeds:
                 runs.append(run(name, lr, seed, data, args))
                 c = runs[-1]["curve"][-1]
                 print(f"{LABELS[name]:>10} lr={lr:<7g} seed={seed} steps={c['step']:4d} {c['seconds']:6.1f}s "
                       f"train loss {c['train_loss']:.4f} test acc {c['test_acc']:.3f}", flush=True)
     table = summarise(runs, args.target)
-    stem = args.out / f"train_compare_{args.dataset}_{args.model}"
+    stem = args.out / f"train_compare_{args.dataset}_{args.model}{args.tag}"
     args.out.mkdir(parents=True, exist_ok=True)
     plot(runs, table, args).savefig(stem.with_suffix(".png"), dpi=120)
     stem.with_suffix(".json").write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
