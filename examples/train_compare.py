@@ -11,7 +11,7 @@ eigenvalue of the training loss on a 256-sample subset) to every run.
 
 Optimizers: SGD (momentum 0.9), Adam, AdaHessian (Yao et al. 2021), Sophia-H and Sophia-G
 (Liu et al. 2023), SAM (Foret et al. 2021; base SGD with momentum 0.9, rho 0.05) and K-FAC
-(Martens & Grosse 2015; momentum 0.9, damping 1e-2, factors every 10 steps). No weight decay.
+(Martens & Grosse 2015; momentum 0.9, damping 1e-2 (``--kfac-damping``), factors every 10 steps). No weight decay.
 
 Run:  python examples/train_compare.py --dataset digits --model mlp
 Writes examples/output/train_compare_<dataset>_<model>.png and .json.
@@ -62,7 +62,8 @@ def make_model(dataset: str, kind: str, in_shape: torch.Size, seed: int) -> nn.M
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), 64), nn.Tanh(), nn.Linear(64, 10))
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float, criterion: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(name: str, model: nn.Module, lr: float, criterion: nn.Module,
+                   kfac_damping: float = 1e-2) -> torch.optim.Optimizer:
     """Each optimizer at learning rate ``lr`` with the settings described in the module docstring."""
     p = model.parameters()
     return {
@@ -72,7 +73,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float, criterion: nn.Module)
         "sophia_h": lambda: SophiaH(p, lr=lr, weight_decay=0.0),
         "sophia_g": lambda: SophiaG(p, lr=lr, weight_decay=0.0),
         "sam": lambda: SAM(p, torch.optim.SGD, rho=0.05, lr=lr, momentum=0.9),
-        "kfac": lambda: KFACOptimizer(model, criterion, lr=lr, momentum=0.9, damping=1e-2, factor_interval=10,
+        "kfac": lambda: KFACOptimizer(model, criterion, lr=lr, momentum=0.9, damping=kfac_damping, factor_interval=10,
                                       inverse_interval=10),
     }[name]()
 
@@ -110,7 +111,7 @@ def run(name: str, lr: float, seed: int, data: tuple[torch.Tensor, ...], args: a
     Xtr, ytr, Xte, yte = data
     criterion = nn.CrossEntropyLoss()
     model = make_model(args.dataset, args.model, Xtr.shape[1:], seed)
-    opt = make_optimizer(name, model, lr, criterion)
+    opt = make_optimizer(name, model, lr, criterion, args.kfac_damping)
     monitor = SharpnessMonitor(model, criterion, (Xtr[:256], ytr[:256]), every=args.monitor_every, optimizer=opt) \
         if args.monitor else None
     if monitor is not None:
@@ -241,6 +242,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--monitor-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="", help="suffix of the output files' names")
+    parser.add_argument("--kfac-damping", type=float, default=1e-2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "output")
     return parser.parse_args(argv)
 
