@@ -179,6 +179,7 @@ def summarise(runs: list[dict[str, Any]], target: float) -> dict[str, dict[str, 
             test_acc=_stats([_final(r)["test_acc"] for r in rs]),
             steps_to_target=_stats([h[0] for h in hits]), seconds_to_target=_stats([h[1] for h in hits]),
             reached=sum(math.isfinite(h[0]) for h in hits), seeds=len(rs),
+            diverged=sum(not math.isfinite(_final(r)["train_loss"]) for r in rs),
             seconds_per_step=_stats([_final(r)["seconds"] / max(_final(r)["step"], 1) for r in rs]),
             final_loss_by_lr={str(lr): float(v) for lr, v in final.items()},
         )
@@ -202,6 +203,7 @@ def plot(runs: list[dict[str, Any]], table: dict[str, dict[str, Any]], args: arg
     axes = fig.subplots(1, panels)
     for k, (name, row) in enumerate(table.items()):
         rs = [r for r in runs if r["optimizer"] == name and r["lr"] == row["lr"]]
+        rs = [r for r in rs if math.isfinite(_final(r)["train_loss"])] or rs  # diverged seeds would cut the curve
         n = min(len(r["curve"]) for r in rs)
         mean = {key: np.mean([[p[key] for p in r["curve"][:n]] for r in rs], axis=0)
                 for key in ("step", "seconds", "train_loss", "test_acc")}
@@ -243,6 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="", help="suffix of the output files' names")
     parser.add_argument("--kfac-damping", type=float, default=1e-2)
+    parser.add_argument("--replot", action="store_true", help="redo the table and figure from the saved JSON")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "output")
     return parser.parse_args(argv)
 
@@ -250,6 +253,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    stem = args.out / f"train_compare_{args.dataset}_{args.model}{args.tag}"
+    runs = json.loads(stem.with_suffix(".json").read_text())["runs"] if args.replot else train_all(args)
+    table = summarise(runs, args.target)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(runs, table, args).savefig(stem.with_suffix(".png"), dpi=120)
+    stem.with_suffix(".json").write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
+                                                         table=table, runs=runs), indent=1))
+    print_table(table, args.target)
+
+
+def train_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (optimizer, lr, seed) run, printed as it ends."""
     data = split(args.dataset)
     runs = []
     for name in args.optimizers:
@@ -259,25 +274,19 @@ def main(argv: list[str] | None = None) -> None:
                 c = runs[-1]["curve"][-1]
                 print(f"{LABELS[name]:>10} lr={lr:<7g} seed={seed} steps={c['step']:4d} {c['seconds']:6.1f}s "
                       f"train loss {c['train_loss']:.4f} test acc {c['test_acc']:.3f}", flush=True)
-    table = summarise(runs, args.target)
-    stem = args.out / f"train_compare_{args.dataset}_{args.model}{args.tag}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot(runs, table, args).savefig(stem.with_suffix(".png"), dpi=120)
-    stem.with_suffix(".json").write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
-                                                         table=table, runs=runs), indent=1))
-    print_table(table, args.target)
+    return runs
 
 
 def print_table(table: dict[str, dict[str, Any]], target: float) -> None:
     """The markdown table of :func:`summarise`."""
     print(f"\n| optimizer | best lr | final train loss | test acc | steps to loss {target} | "
-          f"train s to {target} | reached | ms/step |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"train s to {target} | reached | diverged | ms/step |")
+    print("|---|---|---|---|---|---|---|---|---|")
     fmt: Callable[[tuple[float, float], str], str] = lambda s, f: f"{s[0]:{f}} ± {s[1]:{f}}"
     for name, row in table.items():
         print(f"| {LABELS[name]} | {row['lr']:g} | {fmt(row['final_loss'], '.4f')} | {fmt(row['test_acc'], '.3f')} | "
               f"{fmt(row['steps_to_target'], '.0f')} | {fmt(row['seconds_to_target'], '.2f')} | "
-              f"{row['reached']}/{row['seeds']} | {1000 * row['seconds_per_step'][0]:.2f} |")
+              f"{row['reached']}/{row['seeds']} | {row['diverged']} | {1000 * row['seconds_per_step'][0]:.2f} |")
 
 
 if __name__ == "__main__":

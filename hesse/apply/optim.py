@@ -497,10 +497,11 @@ class KFACOptimizer(torch.optim.Optimizer):
         with eval_mode(self.model):
             op = KFAC(self.model, self.criterion, batch, params=names, seed=self.seed + self.steps,
                       stochastic=True, check_data=False, **self.kfac_kwargs)
-            blocks = op.factors
+            # the factors only: the operator's own float32 eigendecompositions are not needed here
+            stats = dict(zip((layer.key for layer in op.layers), op._factor_pass()))
         a = self.factor_decay
         for key in self._layers:
-            A, S = blocks[key].A, blocks[key].S
+            A, S = stats[key]
             old = self._factors.get(key)
             self._factors[key] = (A, S) if old is None else (a * old[0] + (1 - a) * A, a * old[1] + (1 - a) * S)
 
