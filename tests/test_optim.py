@@ -346,3 +346,12 @@ def test_closure_errors_are_explained():
     model(torch.ones(1, 2)).sum().backward()
     with pytest.raises(HesseError, match="batch"):
         opt.step()
+
+
+def test_param_groups_and_zero_grad():
+    a, b = nn.Parameter(W0[:2].clone()), nn.Parameter(W0[2:].clone())
+    opt = AdaHessian([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.0}])
+    opt.step(lambda: quadratic(torch.cat([a, b])))
+    assert not torch.equal(a.detach(), W0[:2]) and torch.equal(b.detach(), W0[2:])
+    opt.zero_grad()
+    assert a.grad is None and b.grad is None

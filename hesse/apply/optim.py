@@ -212,6 +212,8 @@ class _Sophia(_ClosureOptimizer):
     Subclasses define :meth:`_estimate`.
     """
 
+    hessian_vector_products = False  # whether the estimate differentiates twice
+
     def __init__(self, params: Iterable, lr: float, betas: tuple[float, float], rho: float,
                  weight_decay: float, eps: float, update_interval: int, seed: int):
         if lr < 0 or rho <= 0 or weight_decay < 0 or eps <= 0 or update_interval < 1:
@@ -235,7 +237,7 @@ class _Sophia(_ClosureOptimizer):
         name = type(self).__name__
         estimate = self.steps % self.update_interval == 0
         params = self._params()
-        output = _call(closure, name, twice_differentiable=estimate and isinstance(self, SophiaH))
+        output = _call(closure, name, twice_differentiable=estimate and self.hessian_vector_products)
         if estimate:
             loss, grads, hessian = self._estimate(output, params)
         else:
@@ -280,6 +282,8 @@ class SophiaH(_Sophia):
     paper's ``betas=(0.965, 0.99)``, ``k=10`` and ``weight_decay=0.1``; ``rho=0.01`` (the
     smaller ``γ`` quoted for Sophia-H), ``lr=1e-4`` (language-model scale: tune it).
     """
+
+    hessian_vector_products = True
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.01, weight_decay: float = 0.1, eps: float = 1e-12, update_interval: int = 10,
