@@ -186,6 +186,17 @@ def summarise(runs: list[dict[str, Any]], target: float) -> dict[str, dict[str, 
     return table
 
 
+def _rounded(value: Any) -> Any:
+    """``value`` with every float rounded to 5 significant digits (a compact JSON record)."""
+    if isinstance(value, float):
+        return float(f"{value:.5g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def _final(r: dict[str, Any]) -> dict[str, float]:
     return r["curve"][-1]
 
@@ -258,8 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     table = summarise(runs, args.target)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(runs, table, args).savefig(stem.with_suffix(".png"), dpi=120)
-    stem.with_suffix(".json").write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
-                                                         table=table, runs=runs), indent=1))
+    record = dict(args={k: str(v) for k, v in vars(args).items()}, table=table, runs=runs)
+    stem.with_suffix(".json").write_text(json.dumps(_rounded(record), separators=(",", ":")))
     print_table(table, args.target)
 
 
