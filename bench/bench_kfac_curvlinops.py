@@ -153,13 +153,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-precision", action="store_true")
     args = parser.parse_args()
     from importlib.metadata import version
     torch.set_num_threads(args.threads[0])
     print(f"torch {torch.__version__}, curvlinops-for-pytorch {version('curvlinops-for-pytorch')}, "
           f"hesse {getattr(hesse, '__version__', 'dev')}; {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
-    print("\n".join(precision()))
+    if not args.skip_precision:
+        print("\n".join(precision()))
     if not args.skip_timing:
         print()
         print("\n".join(timing(args.threads, args.repeats)))
