@@ -114,6 +114,26 @@ def test_conv2d_matches_the_analytic_formula():
         assert torch.allclose(K.A, a.T @ a / len(a)) and torch.allclose(K.S, gg.T @ gg), sharing
 
 
+def test_conv2d_true_kind_unfolds_the_inputs_once_for_all_classes(monkeypatch):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 2, bias=True).double()
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(12, 3).double())
+    X, y = torch.randn(4, 2, 3, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+    s = conv(X).detach().requires_grad_(True)
+    out = model[2](model[1](s))
+    p = torch.softmax(out, 1).detach()
+    rows = []
+    for c in range(3):  # r = √(p_c / N) (e_c - p): the columns of the mean cross-entropy's Hessian root
+        r = (p[:, c:c + 1] / 4).sqrt() * (torch.eye(3, dtype=torch.float64)[c] - p)
+        rows.append(torch.autograd.grad(out, s, r, retain_graph=True)[0].flatten(2).transpose(1, 2).reshape(-1, 3))
+    S = sum(g.T @ g for g in rows)
+    calls = []
+    unfold = torch.nn.functional.unfold
+    monkeypatch.setattr(torch.nn.functional, "unfold", lambda *a, **k: calls.append(1) or unfold(*a, **k))
+    K = hesse.KFAC(model, nn.CrossEntropyLoss(), [(X, y)], kind="true").factors["0"]
+    assert torch.allclose(K.S, S) and len(calls) == 1  # once per call of the layer, not once per class
+
+
 def test_transformer_layers_are_factorised_and_attention_is_recomputed_exactly():
     torch.manual_seed(0)
     model = TinyTransformer().double().eval()

@@ -203,23 +203,25 @@ class _Capture:
         return hook
 
 
-def _rows(layer: _Layer, a: torch.Tensor, g: torch.Tensor | None, sharing: str):
-    """``(a, g)`` as ``[N, T, d(+1)]`` and ``[N, T, m]`` (``a``: token ids ``[N, T]`` for an embedding)."""
+def _rows(layer: _Layer, a: torch.Tensor, gs: list[torch.Tensor], sharing: str):
+    """``a`` as ``[N, T, d(+1)]`` and each ``g`` of ``gs`` as ``[N, T, m]`` (``a``: token ids ``[N, T]`` for an embedding).
+
+    ``a`` is unfolded once however many backpropagated vectors ``gs`` holds (``kind="true"``: one per class)."""
     N = a.shape[0] if a.ndim > 1 else 1
     if layer.kind == "conv2d":
         mod = layer.module
         a = F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride).transpose(1, 2)
-        g = None if g is None else g.flatten(2).transpose(1, 2)
+        gs = [g.flatten(2).transpose(1, 2) for g in gs]
     elif layer.kind == "embedding":
-        return a.reshape(N, -1), None if g is None else g.reshape(N, -1, layer.m)
+        return a.reshape(N, -1), [g.reshape(N, -1, layer.m) for g in gs]
     else:
         a = a.reshape(N, -1, layer.d)
-        g = None if g is None else g.reshape(N, -1, layer.m)
+        gs = [g.reshape(N, -1, layer.m) for g in gs]
     if layer.bias:
         a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
     if sharing == "reduce" and a.shape[1] > 1:
-        a, g = a.mean(1, keepdim=True), None if g is None else g.sum(1, keepdim=True)
-    return a, g
+        a, gs = a.mean(1, keepdim=True), [g.sum(1, keepdim=True) for g in gs]
+    return a, gs
 
 
 def _backprop_vectors(criterion, reduction: str, kind: str, output: torch.Tensor, target,
@@ -464,8 +466,7 @@ class KFAC(CurvatureOperator):
             calls = []
             for a, y in capture.records[layer.key]:
                 gs = [g[i] if g[i] is not None else torch.zeros_like(y) for g in grads]
-                rows = [_rows(layer, a, g.detach(), self.weight_sharing) for g in gs]
-                calls.append((rows[0][0], [g for _, g in rows]))
+                calls.append(_rows(layer, a, [g.detach() for g in gs], self.weight_sharing))
                 i += 1
             result.append(calls)
         return result
