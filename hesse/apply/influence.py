@@ -239,7 +239,7 @@ def pairwise(model_or_objective: nn.Module | Objective, criterion: Any = None, t
              relative_damping: bool = True, curvature: str = "ggn", chunk_size: int | None = None,
              memory: int = MEMORY, out: str | Path | None = None, resume: bool = False, vectorize: bool = True,
              seed: int = 0, on_interrupt: str = "raise", params: Any = None, forward: Any = None,
-             **options: Any) -> torch.Tensor:
+             inverse: Preconditioner | None = None, **options: Any) -> torch.Tensor:
     """Influence of every training example on every query: ``[n_query, n_train]``,
     ``S[q, z] = g_qᵀ (C + λI)⁻¹ g_z`` (positive: ``z`` helps ``q``; see the module docstring).
 
@@ -250,7 +250,8 @@ def pairwise(model_or_objective: nn.Module | Objective, criterion: Any = None, t
     they come (with ``scores.npy.json`` recording progress and ``scores.query.npy`` the
     preconditioned queries); ``resume=True`` continues from there. On Ctrl-C the scores so far
     (NaN where not computed) are on ``error.partial`` (or returned, ``on_interrupt="return"``).
-    ``options`` go to the solver (see :func:`preconditioner`).
+    ``options`` go to the solver (see :func:`preconditioner`); ``inverse`` reuses a built
+    :class:`Preconditioner` (then ``method``, ``damping``, ``curvature`` and ``options`` are unused).
     """
     check_on_interrupt(on_interrupt)
     objective = _objective(model_or_objective, criterion, train_data, dict(params=params, forward=forward))
@@ -261,8 +262,9 @@ def pairwise(model_or_objective: nn.Module | Objective, criterion: Any = None, t
     X = store.preconditioned() if store else None
     if X is None:
         G = query_gradients(objective, query_data, chunk, vectorize)
-        X = preconditioner(objective, method, damping, relative_damping=relative_damping, curvature=curvature,
-                           seed=seed, **options).apply(G)
+        inverse = inverse or preconditioner(objective, method, damping, relative_damping=relative_damping,
+                                            curvature=curvature, seed=seed, **options)
+        X = inverse.apply(G)
         if store:
             store.save_preconditioned(X)
     n_train = count_samples(objective.data.source) if store is None else store.n_train
@@ -274,18 +276,19 @@ def self_influence(model_or_objective: nn.Module | Objective, criterion: Any = N
                    method: str = "cg", damping: float = 0.01, relative_damping: bool = True,
                    curvature: str = "ggn", chunk_size: int | None = None, memory: int = MEMORY,
                    vectorize: bool = True, seed: int = 0, on_interrupt: str = "raise", params: Any = None,
-                   forward: Any = None, **options: Any) -> torch.Tensor:
+                   forward: Any = None, inverse: Preconditioner | None = None, **options: Any) -> torch.Tensor:
     """``[n_train]`` self-influence ``g_zᵀ (C + λI)⁻¹ g_z`` of every training example.
 
     Explicit inverses (``identity``, ``exact``, ``arnoldi``, ``kfac``, ``ekfac``) cost one
     product per chunk; ``cg``/``lissa`` solve one system per training example (batched per
-    chunk), which is ``n_train`` solves: use them on small sets. Interrupts as :func:`pairwise`.
+    chunk), which is ``n_train`` solves: use them on small sets. Interrupts and ``inverse`` as
+    :func:`pairwise`.
     """
     check_on_interrupt(on_interrupt)
     objective = _objective(model_or_objective, criterion, train_data, dict(params=params, forward=forward))
     chunk = chunk_length(objective.size, chunk_size, memory, objective.dtype.itemsize)
-    inverse = preconditioner(objective, method, damping, relative_damping=relative_damping, curvature=curvature,
-                             seed=seed, **options)
+    inverse = inverse or preconditioner(objective, method, damping, relative_damping=relative_damping,
+                                        curvature=curvature, seed=seed, **options)
     scores = torch.full((1, count_samples(objective.data.source)), float("nan"), dtype=objective.dtype)
 
     def diagonal(Gt: torch.Tensor) -> torch.Tensor:
