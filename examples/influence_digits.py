@@ -107,7 +107,7 @@ def main() -> None:
             table.setdefault(name, []).append((*recall(scores, flipped), seconds))
         if seed == args.seeds[0]:
             show_query(model, X, y, args.damping)
-    print(f"\n| ranking | flipped in top 10% | flipped in top 20% | seconds |\n|---|---|---|---|")
+    print("\n| ranking | flipped in top 10% | flipped in top 20% | seconds |\n|---|---|---|---|")
     for name, rows in table.items():
         cells = [_mean_std([r[k] for r in rows]) for k in range(3)]
         print(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} |")

@@ -341,13 +341,13 @@ def render_influence_report(report: dict, samples: list[Any]) -> str:
         q = row["query"]
         head = (f"Query #{q['index']}" + (f": label {q['label']}, predicted {q['prediction']}" if q["label"] is not None
                                           else "") + f", loss {q['loss']:.3g}")
-        parts.append(f"<h3>{esc(head)}</h3><div class='strip'>{_entries_html([q], samples, 'query')}</div>"
-                     f"{_entries_html(row['helpful'], samples, 'most helpful (removing them raises the query loss)')}"
-                     f"{_entries_html(row['harmful'], samples, 'most harmful (removing them lowers the query loss)')}")
+        parts.append(f"<h3>{esc(head)}</h3><div class='row'><div class='strip'>{_entries_html([q], samples, 'query')}</div>"
+                     f"<div>{_entries_html(row['helpful'], samples, 'most helpful (removing raises the query loss)')}</div>"
+                     f"<div>{_entries_html(row['harmful'], samples, 'most harmful (removing lowers the query loss)')}</div></div>")
     top = report["self_influence"]["top"]
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>hesse influence report</title>"
-        "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}td,th{padding:2px 8px;"
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}.row{display:flex;gap:16px;align-items:flex-end;flex-wrap:wrap}td,th{padding:2px 8px;"
         "border-bottom:1px solid #ddd}table{border-collapse:collapse}img{display:block;margin:4px 0;max-width:100%}"
         ".strip img{max-width:160px}</style></head><body>"
         f"<h1>Influence report</h1><p>{esc(str(report['model']))}<br>{esc(str(report['data']))}<br>"
