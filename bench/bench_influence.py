@@ -21,7 +21,7 @@ from torch import nn
 from hesse.apply.influence import pairwise
 from hesse.examples import load_dataset
 
-METHODS = {"identity": {}, "exact": {}, "cg": {}, "lissa": {"depth": 500}, "arnoldi": {"rank": 50},
+METHODS = {"exact": {}, "identity": {}, "cg": {}, "lissa": {"depth": 500}, "arnoldi": {"rank": 50},
            "kfac": {}, "ekfac": {}}
 
 
@@ -53,16 +53,15 @@ def main() -> None:
     data = [(train[0][i:i + 250], train[1][i:i + 250]) for i in range(0, 1000, 250)]
     print("| damping | method | seconds | Pearson vs exact | Spearman vs exact |\n|---|---|---|---|---|")
     for damping in args.dampings:
-        results = {}
-        for method, options in METHODS.items():
+        exact = None
+        for method, options in METHODS.items():  # exact first: every row is printed as soon as it is done
             started = time.perf_counter()
             scores = pairwise(model, nn.CrossEntropyLoss(), data, queries, method=method, damping=damping, **options)
-            results[method] = (scores.reshape(-1).numpy(), time.perf_counter() - started)
-        exact = results["exact"][0]
-        for method, (scores, seconds) in results.items():
+            seconds, scores = time.perf_counter() - started, scores.reshape(-1).numpy()
+            exact = scores if exact is None else exact
             pearson = np.corrcoef(scores, exact)[0, 1]
             spearman = np.corrcoef(_ranks(scores), _ranks(exact))[0, 1]
-            print(f"| {damping:g} | {method} | {seconds:.2f} | {pearson:.4f} | {spearman:.4f} |")
+            print(f"| {damping:g} | {method} | {seconds:.2f} | {pearson:.4f} | {spearman:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
