@@ -272,29 +272,35 @@ def pareto_plot(report: dict) -> str:
     from hesse.plotting import new_figure
 
     metric = "accuracy" if report["float"]["accuracy"] is not None else "loss"
-    fig = new_figure((7.2, 4.2), dpi=110)
+    unit, factor = _size_unit(report)
+    point = lambda row: (row["size_mb"] * factor, row[metric])  # noqa: E731
+    fig = new_figure((9.0, 4.4), dpi=110)
     ax = fig.add_subplot()
     budgets = report["budgets"]
-    randoms = [r for b in budgets for r in b["random"]]
+    uniform = sorted(point(u) + (u["bits"][0],) for u in report["uniform"])
+    ax.plot([u[0] for u in uniform], [u[1] for u in uniform], "s--", color="tab:blue", label="uniform bits", zorder=2)
+    for x, y, width in uniform:
+        ax.annotate(f"{width}-bit", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8, color="tab:blue")
+    ax.plot(*zip(*(point(b["reversed"]) for b in budgets)), "v", ms=10, color="tab:red",
+            label="reversed sensitivity", zorder=3)
+    ax.plot(*zip(*sorted(point(b["hessian"]) for b in budgets)), "o-", ms=6, color="tab:green",
+            label=f"Hessian-aware ({report['measure']})", zorder=4)
+    randoms = [point(r) for b in budgets for r in b["random"]]
     if randoms:
-        ax.scatter([r["size_mb"] for r in randoms], [r[metric] for r in randoms], marker="x", color="grey",
-                   alpha=0.7, label="random allocations (same budget)")
-    ax.plot([b["reversed"]["size_mb"] for b in budgets], [b["reversed"][metric] for b in budgets], "v",
-            color="tab:red", label="reversed sensitivity")
-    ax.plot(*zip(*sorted((u["size_mb"], u[metric]) for u in report["uniform"])), "s--", color="tab:blue",
-            label="uniform bits")
-    for u in report["uniform"]:
-        ax.annotate(f"{u['bits'][0]}-bit", (u["size_mb"], u[metric]), textcoords="offset points", xytext=(4, -10),
-                    fontsize=7, color="tab:blue")
-    ax.plot(*zip(*sorted((b["hessian"]["size_mb"], b["hessian"][metric]) for b in budgets)), "o-",
-            color="tab:green", label=f"Hessian-aware ({report['measure']})")
-    ax.axhline(report["float"][metric], color="black", ls=":", lw=1, label="float32")
-    ax.set(xlabel="size of the quantized weights (MB)", ylabel=metric, title=f"{metric} against size")
-    ax.legend(fontsize=7, loc="lower right" if metric == "accuracy" else "upper right")
+        ax.scatter(*zip(*randoms), marker="x", s=30, color="black", alpha=0.6, zorder=5,
+                   label="random allocations (same budget)")
+    ax.axhline(report["float"][metric], color="grey", ls=":", lw=1, label="float32")
+    ax.set(xlabel=f"size of the quantized weights ({unit})", ylabel=metric, title=f"{metric} against size")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _size_unit(report: dict) -> tuple[str, float]:
+    """KiB for models under 1 MB (the digits CNN), MB otherwise, and the factor from MB."""
+    return ("KiB", 1024.0) if report["float"]["size_mb"] < 1 else ("MB", 1.0)
 
 
 def _cell(value: float | None, digits: int = 4) -> str:
@@ -323,17 +329,18 @@ def _layer_table(report: dict) -> str:
 def _budget_table(report: dict) -> str:
     """Per budget: the Hessian-aware, reversed and median random allocations' size and metric."""
     metric = "accuracy" if report["float"]["accuracy"] is not None else "loss"
+    unit, factor = _size_unit(report)
     rows = []
     for b in report["budgets"]:
         randoms = [r[metric] for r in b["random"]]
         median = _cell(float(np.median(randoms))) if randoms else ""
-        sizes = ", ".join(f"{r['size_mb']:.3g}" for r in b["random"])
-        rows.append(f"<tr><td>{b['budget']}</td><td>{b['hessian']['size_mb']:.4g}</td>"
-                    f"<td>{_cell(b['hessian'][metric])}</td><td>{b['reversed']['size_mb']:.4g}</td>"
+        sizes = ", ".join(f"{r['size_mb'] * factor:.3g}" for r in b["random"])
+        rows.append(f"<tr><td>{b['budget']}</td><td>{b['hessian']['size_mb'] * factor:.4g}</td>"
+                    f"<td>{_cell(b['hessian'][metric])}</td><td>{b['reversed']['size_mb'] * factor:.4g}</td>"
                     f"<td>{_cell(b['reversed'][metric])}</td><td>{median}</td>"
                     f"<td>{sizes}</td></tr>")
-    return (f"<table><tr><th>budget</th><th>Hessian MB</th><th>Hessian {metric}</th><th>reversed MB</th>"
-            f"<th>reversed {metric}</th><th>median random {metric}</th><th>random MB</th></tr>{''.join(rows)}</table>")
+    return (f"<table><tr><th>budget</th><th>Hessian {unit}</th><th>Hessian {metric}</th><th>reversed {unit}</th>"
+            f"<th>reversed {metric}</th><th>median random {metric}</th><th>random {unit}</th></tr>{''.join(rows)}</table>")
 
 
 def render_quantize_report(report: dict) -> str:
@@ -341,6 +348,7 @@ def render_quantize_report(report: dict) -> str:
     import html
 
     full = report["float"]
+    unit, factor = _size_unit(report)
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>hesse quantize report</title>"
         "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}td,th{padding:2px 8px;"
@@ -348,7 +356,7 @@ def render_quantize_report(report: dict) -> str:
         "table{border-collapse:collapse;font-size:90%}</style></head><body>"
         f"<h1>Mixed-precision quantization report</h1><p>{html.escape(str(report['model']))}<br>"
         f"{html.escape(str(report['data']))}<br><code>{html.escape(report['command'])}</code></p>"
-        f"<p>Float32 model: {_metric_text(full)}, quantized weights {full['size_mb']:.4g} MB. Weights: symmetric "
+        f"<p>Float32 model: {_metric_text(full)}, quantized weights {full['size_mb'] * factor:.4g} {unit}. Weights: symmetric "
         "per-output-channel fake quantization; sensitivity Ω<sub>i</sub>(b) = max(Tr H<sub>ii</sub>, 0)/n<sub>i</sub> "
         "· ‖Q<sub>b</sub>(W<sub>i</sub>) − W<sub>i</sub>‖² (HAWQ-V2; qbert: top eigenvalue instead of "
         f"Tr/n); {report['curvature_matvecs']} curvature products.</p>"
