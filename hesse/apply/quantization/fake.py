@@ -8,7 +8,8 @@ Weights: symmetric, per output channel (row ``r`` of the weight), straight round
     s_r = \\frac{\\max_c |W_{rc}|}{2^{b-1} - 1}, \\qquad
     Q_b(W)_{rc} = s_r \\, \\mathrm{clamp}\\big(\\mathrm{round}(W_{rc} / s_r), -(2^{b-1}-1), 2^{b-1}-1\\big).
 
-Activations (optional): the floating inputs of every quantized module are quantized
+Activations (optional): the floating inputs of every quantized module (its first three
+positional arguments or ``input/query/key/value``; never masks) are quantized
 asymmetrically per tensor with a range ``[min, max]`` calibrated on data,
 ``s = (max − min)/(2^{b_a} − 1)``, ``Q(x) = s · round((clamp(x, min, max) − min)/s) + min``.
 """
@@ -78,8 +79,18 @@ def quantized_copy(objective: Objective, layers: Sequence[QuantLayer], bits: Seq
     return model
 
 
+ACTIVATION_KWARGS = ("input", "query", "key", "value")  # never masks or other float arguments
+
+
+def _activation(value, position: int | str) -> bool:
+    """Whether an argument is an activation to quantize: a floating tensor among the first three
+    positional arguments (``query, key, value`` of attention) or passed by one of those names."""
+    named = position in ACTIVATION_KWARGS if isinstance(position, str) else position < 3
+    return named and isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
 def _float_inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    return [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [t for i, t in (*enumerate(args), *kwargs.items()) if _activation(t, i)]
 
 
 def _calibrate(objective: Objective, model: nn.Module, modules: list[nn.Module],
@@ -107,12 +118,12 @@ def _quantizer(lo: float, hi: float, bits: int):
     """A forward pre-hook that fake-quantizes every floating input to ``bits`` bits on ``[lo, hi]``."""
     scale = max(hi - lo, 1e-12) / (2 ** bits - 1)
 
-    def quantize(t):
-        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+    def quantize(t, position: int | str):
+        if not _activation(t, position):
             return t
         return torch.round((t.clamp(lo, hi) - lo) / scale) * scale + lo
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
-        return tuple(quantize(a) for a in args), {k: quantize(v) for k, v in kwargs.items()}
+        return tuple(quantize(a, i) for i, a in enumerate(args)), {k: quantize(v, k) for k, v in kwargs.items()}
 
     return hook
