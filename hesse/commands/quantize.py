@@ -290,6 +290,7 @@ def pareto_plot(report: dict) -> str:
         ax.scatter(*zip(*randoms), marker="x", s=30, color="black", alpha=0.6, zorder=5,
                    label="random allocations (same budget)")
     ax.axhline(report["float"][metric], color="grey", ls=":", lw=1, label="float32")
+    ax.margins(x=0.08)  # room for the bit-width labels at both ends
     ax.set(xlabel=f"size of the quantized weights ({unit})", ylabel=metric, title=f"{metric} against size")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
