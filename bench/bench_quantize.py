@@ -44,6 +44,8 @@ def main() -> None:
           f"|---|---|---|---|---|---|\n| `hesse quantize {' '.join(command[3:])}` | {wall:.1f} | {cpu:.1f} | "
           f"{report['curvature_matvecs']} | "
           f"{load_before:.2f} / {load_after:.2f} | {os.cpu_count()} |")
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items() if v is not None)
+    print(f"\nstages: {stages}; trace products {report['trace_matvecs']} of {report['curvature_matvecs']}")
 
 
 if __name__ == "__main__":
