@@ -35,7 +35,7 @@ _EXPORTS = {
         "bulk_outlier_split", "eigenvalue_sharpness", "interpolate", "loss_landscape", "per_layer",
         "sam_sharpness", "stability", "stability_threshold", "trace_sharpness", "worst_case_sharpness",
     ],
-    "hesse.apply": ["SAM", "AdaHessian", "KFACOptimizer", "SophiaG", "SophiaH", "apply_masks", "prune_layerwise_obs", "prune_magnitude", "prune_obd", "prune_woodfisher"],
+    "hesse.apply": ["allocate_bits", "pairwise", "self_influence", "sensitivities", "SAM", "AdaHessian", "KFACOptimizer", "SophiaG", "SophiaH", "apply_masks", "prune_layerwise_obs", "prune_magnitude", "prune_obd", "prune_woodfisher"],
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -62,7 +62,8 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the names directly
         stability, stability_threshold, trace_sharpness, worst_case_sharpness,
     )
     from hesse.apply import (  # noqa: F401
-        SAM, AdaHessian, KFACOptimizer, SophiaG, SophiaH, apply_masks, prune_layerwise_obs, prune_magnitude, prune_obd, prune_woodfisher,
+        SAM, AdaHessian, KFACOptimizer, SophiaG, SophiaH, allocate_bits, apply_masks, pairwise,
+        self_influence, sensitivities, prune_layerwise_obs, prune_magnitude, prune_obd, prune_woodfisher,
     )
     from hesse.errors import HesseError, NotConvergedWarning  # noqa: F401
     from hesse.linalg import (  # noqa: F401

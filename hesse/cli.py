@@ -647,9 +647,12 @@ def _write(request: Request, report: dict) -> None:
 def _register_subcommands() -> None:
     """Add the subcommands that live in :mod:`hesse.commands` (they reuse this module's helpers,
     so they are imported after it is complete)."""
+    from hesse.commands.influence import influence
     from hesse.commands.prune import prune
+    from hesse.commands.quantize import quantize
 
-    main.add_command(prune)
+    for command in (prune, quantize, influence):
+        main.add_command(command)
 
 
 _register_subcommands()
