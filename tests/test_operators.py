@@ -408,3 +408,23 @@ def test_auto_falls_back_to_double_backward_without_forward_mode():
     dense = torch.func.hessian(lambda t: ((call(t, X) - y) ** 2).mean())(theta)
     assert torch.allclose(H @ V, dense @ V, atol=1e-10)
     assert H.method_for(2) in ("double-backward", "forward-over-reverse")
+
+
+def test_block_diagonal_view_sends_only_nonzero_block_columns_to_the_parent():
+    from hesse.operators import BlockDiagonalOperator, DenseOperator
+
+    A = torch.randn(6, 6, dtype=torch.float64)
+    A = A + A.T
+    seen = []
+
+    class Counting(DenseOperator):
+        def _matmat(self, V):
+            seen.append(V.shape[1])
+            return super()._matmat(V)
+
+    D = BlockDiagonalOperator(Counting(A), {"a": slice(0, 2), "b": slice(2, 6)})
+    V = torch.randn(6, 3, dtype=torch.float64)
+    V[2:, 1] = 0  # column 1 lives on block "a" only
+    dense = torch.block_diag(A[:2, :2], A[2:, 2:])
+    assert torch.allclose(D @ V, dense @ V)
+    assert seen == [5]  # 3 columns on "a" + 2 on "b", not 2 x 3

@@ -240,15 +240,23 @@ class BlockDiagonalOperator(LinearOperator):
         return BlockView(self.parent, self._blocks[name], name)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        K = V.shape[1]
-        slices = list(self._blocks.values())
-        stacked = V.new_zeros(self.shape[0], K * len(slices))
-        for i, s in enumerate(slices):
-            stacked[s, i * K:(i + 1) * K] = V[s]
+        """Each block's nonzero columns, side by side in one call of the parent; columns that
+        are zero on a block (finished or idle blocks of a per-block estimator) cost nothing."""
+        pieces = [(s, torch.nonzero(V[s].abs().sum(0)).flatten()) for s in self._blocks.values()]
+        total = sum(len(cols) for _, cols in pieces)
+        out = torch.zeros_like(V)
+        if total == 0:
+            return out
+        stacked = V.new_zeros(self.shape[0], total)
+        start = 0
+        for s, cols in pieces:
+            stacked[s, start:start + len(cols)] = V[s][:, cols]
+            start += len(cols)
         products = self.parent.matmat(stacked)
-        out = torch.empty_like(V)
-        for i, s in enumerate(slices):
-            out[s] = products[s, i * K:(i + 1) * K]
+        start = 0
+        for s, cols in pieces:
+            out[s, cols] = products[s, start:start + len(cols)]
+            start += len(cols)
         return out
 
 
