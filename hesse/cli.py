@@ -13,6 +13,7 @@ message says which.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -396,6 +397,17 @@ class OneLineErrors(click.Group):
     """A command group whose usage errors are one ``error: ...`` line with exit status 2, and whose
     Ctrl-C, wherever click receives it, exits with 130 and one line (never click's ``Aborted!``)."""
 
+    subcommands = {"prune": "hesse.commands.prune", "quantize": "hesse.commands.quantize",
+                   "influence": "hesse.commands.influence"}  # imported on use (they import this module)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.subcommands])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.subcommands:
+            return getattr(importlib.import_module(self.subcommands[name]), name)
+        return super().get_command(ctx, name)
+
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         """Run the command; in standalone mode turn click's exceptions into one line and an exit status."""
         if not standalone_mode:
@@ -642,17 +654,3 @@ def _write(request: Request, report: dict) -> None:
         _exit_interrupted(f" during {report['interrupted']}; wrote an incomplete report with the finished "
                           f"analyses ({finished}) to {written}.")
     click.echo(f"report written to {written}")
-
-
-def _register_subcommands() -> None:
-    """Add the subcommands that live in :mod:`hesse.commands` (they reuse this module's helpers,
-    so they are imported after it is complete)."""
-    from hesse.commands.influence import influence
-    from hesse.commands.prune import prune
-    from hesse.commands.quantize import quantize
-
-    for command in (prune, quantize, influence):
-        main.add_command(command)
-
-
-_register_subcommands()

@@ -29,15 +29,16 @@ import torch
 
 from hesse.apply.influence import CURVATURES, METHODS, _take_range, pairwise, preconditioner, self_influence
 from hesse.cli import (
-    EXAMPLES, EXIT_INTERRUPTED, EXIT_USAGE, LOSSES, CliError, FiniteFloatRange, build_problem, describe,
+    EXAMPLES, LOSSES, CliError, FiniteFloatRange, describe,
     first_samples, one_hot_targets,
 )
+from hesse.commands._shared import load_problem, one_line_errors, stage
 from hesse.errors import HesseError
 from hesse.examples import Dataset
 from hesse.operators import Objective
 from hesse.operators.data import DataSource, default_forward, default_num_samples
 from hesse.report.document import SCHEMA
-from hesse.report.folder import INDEX_HTML, REPORT_JSON, check_output_folder, write_report_folder
+from hesse.report.folder import INDEX_HTML, REPORT_JSON, write_report_folder
 
 
 @dataclass
@@ -113,39 +114,23 @@ def influence(query_text: str | None, **options: Any) -> None:
       hesse influence --example digits --method ekfac --out influence-report
       hesse influence --model net.py:make_net --checkpoint net.pt --data digits --queries 3,10 --method cg
     """
-    try:
+    with one_line_errors():
         _influence(InfluenceRequest(queries=parse_queries(query_text), **options))
-    except HesseError as error:
-        click.echo(f"error: {' '.join(str(error).split())}", err=True)
-        raise SystemExit(EXIT_USAGE) from None
-    except KeyboardInterrupt:
-        click.echo("hesse: interrupted; no report was written.", err=True)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-
-
-def _stage(message: str, quiet: bool) -> None:
-    if not quiet:
-        click.echo(f"hesse: {message}", err=True)
 
 
 def _influence(request: InfluenceRequest) -> None:
     """Build the objective, score the queries and the self-influence, write the report."""
-    check_output_folder(request.out.resolve(), request.overwrite)
-    if request.example is None and request.model_spec is None and request.hf_model is None:
-        request.example = "digits"
-    torch.set_num_threads(request.threads or (1 if request.example else torch.get_num_threads()))
-    problem = build_problem(request.example, request.model_spec, request.checkpoint, request.hf_model,
-                            request.data_spec, request.seed, request.quiet)
+    problem = load_problem(request)
     objective, samples = _objective(problem, request)
     queries = _choose_queries(objective, samples, request)
     started = time.perf_counter()
     try:
-        _stage(f"{request.method} inverse of the {request.curvature} curvature", request.quiet)
+        stage(f"{request.method} inverse of the {request.curvature} curvature", request.quiet)
         inverse = preconditioner(objective, request.method, request.damping, curvature=request.curvature,
                                  seed=request.seed)
-        _stage(f"self-influence of {len(samples)} training examples", request.quiet)
+        stage(f"self-influence of {len(samples)} training examples", request.quiet)
         selfs = self_influence(objective, inverse=inverse)
-        _stage(f"influence on {len(queries)} queries", request.quiet)
+        stage(f"influence on {len(queries)} queries", request.quiet)
         scores = pairwise(objective, query_data=[_stack([samples[i] for i in queries])], inverse=inverse)
     except HesseError:
         raise

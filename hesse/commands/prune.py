@@ -24,15 +24,16 @@ import torch
 
 from hesse.apply import prune_layerwise_obs, prune_magnitude, prune_obd, prune_woodfisher
 from hesse.cli import (
-    EXAMPLES, EXIT_INTERRUPTED, EXIT_USAGE, LOSSES, CliError, build_problem, describe, first_samples,
+    EXAMPLES, LOSSES, CliError, describe, first_samples,
     one_hot_targets, stderr_is_terminal,
 )
+from hesse.commands._shared import load_problem, one_line_errors, stage
 from hesse.errors import HesseError
 from hesse.examples import Dataset
 from hesse.operators import Objective
 from hesse.operators.data import default_forward
 from hesse.report.document import SCHEMA
-from hesse.report.folder import INDEX_HTML, REPORT_JSON, check_output_folder, write_report_folder
+from hesse.report.folder import INDEX_HTML, REPORT_JSON, write_report_folder
 
 METHODS = ("magnitude", "obd", "woodfisher", "layerwise")
 
@@ -125,36 +126,20 @@ def prune(methods: str, sparsity: str, nm: str | None, **options: Any) -> None:
       hesse prune --example digits --sparsity 0.5,0.7,0.9 --nm 2:4 --out prune-report
       hesse prune --model net.py:make_net --checkpoint net.pt --data digits --method magnitude,layerwise
     """
-    try:
+    with one_line_errors():
         request = PruneRequest(methods=parse_methods(methods), targets=parse_targets(sparsity, nm), **options)
         _prune(request)
-    except HesseError as error:
-        click.echo(f"error: {error}", err=True)
-        raise SystemExit(EXIT_USAGE) from None
-    except KeyboardInterrupt:
-        click.echo("hesse: interrupted; no report was written.", err=True)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-
-
-def _stage(message: str, quiet: bool) -> None:
-    if not quiet:
-        click.echo(f"hesse: {message}", err=True)
 
 
 def _prune(request: PruneRequest) -> None:
     """Build the objective, run every method at every target, write the report."""
-    check_output_folder(request.out.resolve(), request.overwrite)
-    if request.example is None and request.model_spec is None and request.hf_model is None:
-        request.example = "digits"
-    torch.set_num_threads(request.threads or (1 if request.example else torch.get_num_threads()))
-    problem = build_problem(request.example, request.model_spec, request.checkpoint, request.hf_model,
-                            request.data_spec, request.seed, request.quiet)
+    problem = load_problem(request)
     objective = _objective(problem, request)
     dense = _evaluate(objective, None)
     results = []
     for method in request.methods:
         for target in request.targets:
-            _stage(f"{method} at {target.get('nm') or target['sparsity']}", request.quiet)
+            stage(f"{method} at {target.get('nm') or target['sparsity']}", request.quiet)
             results.append(_run_one(objective, method, target, request))
     report = {
         "schema": SCHEMA, "kind": "prune", "command": shlex.join(["hesse", *sys.argv[1:]]),

@@ -29,15 +29,16 @@ from hesse.apply.quantize import (
     reversed_allocation, sensitivities,
 )
 from hesse.cli import (
-    EXAMPLES, EXIT_INTERRUPTED, EXIT_USAGE, LOSSES, CliError, build_problem, describe, first_samples,
+    EXAMPLES, LOSSES, CliError, describe, first_samples,
     one_hot_targets, stderr_is_terminal,
 )
+from hesse.commands._shared import load_problem, one_line_errors, stage
 from hesse.errors import HesseError
 from hesse.examples import Dataset
 from hesse.operators import Objective
 from hesse.operators.data import default_forward
 from hesse.report.document import SCHEMA
-from hesse.report.folder import INDEX_HTML, REPORT_JSON, check_output_folder, write_report_folder
+from hesse.report.folder import INDEX_HTML, REPORT_JSON, write_report_folder
 
 BITS_PER_MB = 8 * 2 ** 20  # 1 MB = 2^20 bytes
 
@@ -142,33 +143,17 @@ def quantize(bits_text: str, size_mb: str | None, size_fraction: str | None, bop
       hesse quantize --example digits --bits 2,4,8 --size-fraction 0.25,0.5,0.75 --out quantize-report
       hesse quantize --model net.py:make_net --checkpoint net.pt --data digits --size-mb 0.01
     """
-    try:
+    with one_line_errors():
         request = QuantizeRequest(bits=parse_bits(bits_text), budgets=parse_budgets(size_mb, size_fraction,
                                                                                     bops_fraction), **options)
         _quantize(request)
-    except HesseError as error:
-        click.echo(f"error: {error}", err=True)
-        raise SystemExit(EXIT_USAGE) from None
-    except KeyboardInterrupt:
-        click.echo("hesse: interrupted; no report was written.", err=True)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-
-
-def _stage(message: str, quiet: bool) -> None:
-    if not quiet:
-        click.echo(f"hesse: {message}", err=True)
 
 
 def _quantize(request: QuantizeRequest) -> None:
     """Build the objectives, measure the sensitivities, allocate and evaluate, write the report."""
-    check_output_folder(request.out.resolve(), request.overwrite)
-    if request.example is None and request.model_spec is None and request.hf_model is None:
-        request.example = "digits"
-    torch.set_num_threads(request.threads or (1 if request.example else torch.get_num_threads()))
-    problem = build_problem(request.example, request.model_spec, request.checkpoint, request.hf_model,
-                            request.data_spec, request.seed, request.quiet)
+    problem = load_problem(request)
     evaluation, curvature = _objectives(problem, request)
-    _stage(f"per-layer {request.curvature} traces on {request.curvature_samples} samples (rtol {request.rtol:g})",
+    stage(f"per-layer {request.curvature} traces on {request.curvature_samples} samples (rtol {request.rtol:g})",
            request.quiet)
     started = time.perf_counter()
     try:
@@ -253,7 +238,7 @@ def _compare(sens: Sensitivity, evaluation: Objective, request: QuantizeRequest)
 
     budgets = []
     for kind, value in request.budgets:
-        _stage(f"allocating and evaluating at {kind} {value:g}", request.quiet)
+        stage(f"allocating and evaluating at {kind} {value:g}", request.quiet)
         limits = _limits(kind, value, costs)
         hessian = allocate_bits(sens.omega(request.measure), costs, limits, sens.bits)
         budgets.append({
