@@ -3,8 +3,9 @@ loading the model and data named on the command line."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -12,7 +13,7 @@ import torch
 
 from hesse.cli import EXIT_INTERRUPTED, EXIT_USAGE, build_problem
 from hesse.errors import HesseError
-from hesse.examples import Problem
+from hesse.examples import EXAMPLES, Problem
 from hesse.report.folder import check_output_folder
 
 
@@ -27,6 +28,27 @@ def one_line_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         click.echo("hesse: interrupted; no report was written.", err=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+def model_and_data_options(command: Callable) -> Callable:
+    """The options naming the model and the data, shared by every subcommand (as ``hesse analyze``)."""
+    options = [
+        click.option("--example", type=click.Choice(EXAMPLES),
+                     help="Built-in example (default: digits if no model is given)."),
+        click.option("--model", "model_spec", metavar="FILE.py:FACTORY",
+                     help="Python file and function returning the nn.Module."),
+        click.option("--checkpoint", type=click.Path(path_type=Path),
+                     help="state_dict file for --model (weights_only=True)."),
+        click.option("--hf-model", type=click.Path(path_type=Path),
+                     help="Local Hugging Face model folder (sequence classifier)."),
+        click.option("--data", "data_spec", metavar="NAME|FILE.py:FACTORY",
+                     help="digits, mnist1d, or a file and function returning a DataLoader."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+                     help="Batch size for built-in data."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def stage(message: str, quiet: bool) -> None:

@@ -24,10 +24,10 @@ import torch
 
 from hesse.apply import prune_layerwise_obs, prune_magnitude, prune_obd, prune_woodfisher
 from hesse.cli import (
-    EXAMPLES, LOSSES, CliError, describe, first_samples,
+    LOSSES, CliError, describe, first_samples,
     one_hot_targets, stderr_is_terminal,
 )
-from hesse.commands._shared import load_problem, one_line_errors, stage
+from hesse.commands._shared import load_problem, model_and_data_options, one_line_errors, stage
 from hesse.errors import HesseError
 from hesse.examples import Dataset
 from hesse.operators import Objective
@@ -92,13 +92,7 @@ def parse_targets(sparsity: str | None, nm: str | None) -> list[dict[str, Any]]:
 
 
 @click.command()
-@click.option("--example", type=click.Choice(EXAMPLES), help="Built-in example (default: digits if no model is given).")
-@click.option("--model", "model_spec", metavar="FILE.py:FACTORY", help="Python file and function returning the nn.Module.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="state_dict file for --model (weights_only=True).")
-@click.option("--hf-model", type=click.Path(path_type=Path), help="Local Hugging Face model folder (sequence classifier).")
-@click.option("--data", "data_spec", metavar="NAME|FILE.py:FACTORY",
-              help="digits, mnist1d, or a file and function returning a DataLoader.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Batch size for built-in data.")
+@model_and_data_options
 @click.option("--max-samples", type=click.IntRange(min=1), help="Use only the first N samples [all].")
 @click.option("--params", "param_globs", multiple=True, metavar="GLOB",
               help="Prune only these tensors (names or globs; repeatable) [every Linear/Conv2d weight].")

@@ -29,10 +29,10 @@ from hesse.apply.quantize import (
     reversed_allocation, sensitivities,
 )
 from hesse.cli import (
-    EXAMPLES, LOSSES, CliError, describe, first_samples,
+    LOSSES, CliError, describe, first_samples,
     one_hot_targets, stderr_is_terminal,
 )
-from hesse.commands._shared import load_problem, one_line_errors, stage
+from hesse.commands._shared import load_problem, model_and_data_options, one_line_errors, stage
 from hesse.errors import HesseError
 from hesse.examples import Dataset
 from hesse.operators import Objective
@@ -102,13 +102,7 @@ def parse_budgets(size_mb: str | None, size_fraction: str | None, bops_fraction:
 
 
 @click.command()
-@click.option("--example", type=click.Choice(EXAMPLES), help="Built-in example (default: digits if no model is given).")
-@click.option("--model", "model_spec", metavar="FILE.py:FACTORY", help="Python file and function returning the nn.Module.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="state_dict file for --model (weights_only=True).")
-@click.option("--hf-model", type=click.Path(path_type=Path), help="Local Hugging Face model folder (sequence classifier).")
-@click.option("--data", "data_spec", metavar="NAME|FILE.py:FACTORY",
-              help="digits, mnist1d, or a file and function returning a DataLoader.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Batch size for built-in data.")
+@model_and_data_options
 @click.option("--max-samples", type=click.IntRange(min=1), help="Evaluate on the first N samples only [all].")
 @click.option("--curvature-samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="Samples (the first ones) the Hessian traces are estimated on.")
