@@ -41,6 +41,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             "gradient": hesse.Hessian(model, crit, shard).gradient(),
         }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -58,9 +59,11 @@ def test_two_processes_equal_one():
     with tempfile.TemporaryDirectory() as tmp:
         try:
             mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        except mp.ProcessExitedException:  # a worker killed by the environment (loaded machine): once more
-            tmp = tempfile.mkdtemp(dir=tmp)
-            mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        except mp.ProcessExitedException:
+            # gloo sometimes aborts a worker at interpreter shutdown ("terminate called without an
+            # active exception"), after its results are written; only missing results are a failure
+            missing = [r for r in range(2) if not os.path.exists(os.path.join(tmp, f"rank{r}.pt"))]
+            assert not missing, f"ranks {missing} died before writing their results"
         for rank in range(2):
             got = torch.load(os.path.join(tmp, f"rank{rank}.pt"))
             for name, value in expected.items():
