@@ -13,9 +13,12 @@ from hesse.operators.curvature import CurvatureOperator, vmap_or_loop
 from hesse.operators.data import Batch
 
 METHODS = ("forward-over-reverse", "double-backward")
-CALIBRATE_AFTER_S = 2.0
-"""Seconds of double-backward products with K vectors after which ``"auto"`` times
-forward-over-reverse, while forward mode has not yet run in this process."""
+CALIBRATE_AFTER_S = 10.0
+"""Seconds (CPU seconds on a CPU) of double-backward products with K vectors after which
+``"auto"`` times forward-over-reverse, while forward mode has not yet run in this process:
+its start-up (about 1 s) divided by the largest gain forward-over-reverse has shown over
+double-backward (about 10%, ``bench/bench_operators.py``), so the timing costs at most about
+10% of a run and is done only where it can pay off."""
 _forward_mode_warm = False  # a forward-over-reverse product has run in this process
 
 
@@ -34,15 +37,15 @@ class Hessian(CurvatureOperator):
         ``torch.func.grad``, ``vmap``-ed over the K vectors (Pearlmutter 1994);
       * ``"auto"`` (default): double-backward, unless measurement shows forward-over-reverse
         is faster for that K. One vector is always double-backward: forward-over-reverse
-        does the same forward and backward plus tangents through both (2-3x slower at K=1 on
-        the MLP, CNN and transformer of ``bench/bench_operators.py``). For K > 1 both methods
-        are timed on one batch (``.calibration[K]`` holds the seconds), the faster is kept
-        for that K, and the two must agree (a disagreement beyond round-off warns and keeps
-        double-backward, which needs no forward-mode derivatives). The first forward-mode
-        product of a process loads torch's JVP machinery (about 0.5-1.5 s), so while that
-        has not happened the timing waits until products with K vectors have taken
-        :data:`CALIBRATE_AFTER_S` seconds (ski rental: a short job never pays the start-up,
-        a long one pays at most that much more).
+        does the same forward and backward plus tangents through both (1.7-2.4x slower at
+        K=1 on the MLP, CNN and transformer of ``bench/bench_operators.py``). For K > 1 both
+        methods are timed on one batch (``.calibration[K]``: CPU seconds of this process on
+        a CPU, wall seconds on a GPU), the faster is kept for that K, and the two must agree
+        (a disagreement beyond round-off warns and keeps double-backward, which needs no
+        forward-mode derivatives). The first forward-mode product of a process loads torch's
+        JVP machinery (about 1 s), so until that has happened the timing waits until the
+        products with K vectors have cost :data:`CALIBRATE_AFTER_S` seconds (ski rental: a
+        short job never pays the start-up, a long one at most about 10% more).
     """
 
     def __init__(self, model, criterion=None, data=None, *, method: str = "auto", vectorize: bool = True,
@@ -160,12 +163,14 @@ def _per_vector(outputs: list[torch.Tensor], inputs: list[torch.Tensor], directi
 
 
 def _timed(fn, device: torch.device):
-    """``(fn(), wall seconds)``, waiting for the device's queued work."""
-    start = time.perf_counter()
+    """``(fn(), seconds)``: the process's CPU time on a CPU (other processes' load does not
+    count), else wall time after waiting for the device's queued work."""
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    start = clock()
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return out, time.perf_counter() - start
+    return out, clock() - start
 
 
 def _agree(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
