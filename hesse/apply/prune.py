@@ -41,7 +41,7 @@ from hesse.apply.pruning.fisher_inverse import (
     block_obs_update,
     damping,
 )
-from hesse.apply.pruning.layerwise import collect_hessians, layer_module, prune_layer
+from hesse.apply.pruning.layerwise import collect_hessians, layer_groups, layer_module, prune_layer
 from hesse.apply.pruning.masks import (
     PruneResult,
     Sparsity,
@@ -165,7 +165,9 @@ def prune_layerwise_obs(model: nn.Module | Objective, criterion: Callable | None
     ``H = 2XXᵀ/N + λI`` from the layer's inputs on the ``calibration`` batches (default: the
     objective's data), ``λ = damp · mean diag(2XXᵀ/N)``; columns in blocks of ``block_size``
     with lazy updates. ``sequential=True`` collects each layer's inputs with the earlier
-    layers already pruned (one calibration pass per layer); ``False``: one pass, dense inputs.
+    layers already pruned: one calibration pass per group of layers reading the same input
+    (e.g. query, key, value), each pass stopped once the group has run; ``False``: one pass,
+    dense inputs.
     A Hessian that is not positive definite is retried in float64, then with more damping
     (a :class:`~hesse.apply.pruning.layerwise.DampingWarning`, also in ``result.warnings``).
     """
@@ -178,9 +180,10 @@ def prune_layerwise_obs(model: nn.Module | Objective, criterion: Callable | None
     start = time.perf_counter()
     values = {n: p.detach() for n, p in objective.model.named_parameters()}
     masks: Values = {}
+    groups, calls = layer_groups(objective, modules, values, batches[0]) if batches else ([names], None)
     with progress_bar(total=len(names), desc="layer-wise OBS", enabled=progress, unit="layer") as bar:
-        for group in ([[n] for n in names] if sequential else [names]):
-            hessians = collect_hessians(objective, {n: modules[n] for n in group}, values, batches)
+        for group in (groups if sequential else [names]):
+            hessians = collect_hessians(objective, {n: modules[n] for n in group}, values, batches, calls)
             for name in group:
                 values[name], masks[name], note = prune_layer(
                     values[name], hessians.pop(name), name, damp=damp, block_size=block_size,
