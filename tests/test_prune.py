@@ -132,6 +132,21 @@ def test_nm_mask_keeps_n_of_every_m_along_the_inputs():
         nm_mask(torch.randn(2, 4), 1, 3)
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_obd_with_the_empirical_fisher_diagonal_scores_by_mean_squared_per_sample_gradients(vectorize):
+    model, criterion, data = _classifier(2)
+    objective = Objective(model, criterion, data)
+    result = prune_obd(objective, sparsity=0.6, curvature="empirical-fisher", fisher_samples=30, vectorize=vectorize)
+    rows = torch.cat([objective.per_sample_gradients(b) for b in data])[:30]
+    diag = objective.unflatten((rows ** 2).mean(0))
+    for name, mask in result.masks.items():
+        saliency = 0.5 * diag[name] * model.get_parameter(name).detach() ** 2
+        assert mask.sum() == saliency.numel() - round(0.6 * saliency.numel())
+        assert saliency[~mask].max() <= saliency[mask].min(), name
+    with pytest.raises(HesseError, match="empirical-fisher"):
+        prune_obd(objective, sparsity=0.5, curvature="fisher")
+
+
 def _classifier(seed: int = 0):
     torch.manual_seed(seed)
     model = TanhMLP().double()
