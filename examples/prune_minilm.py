@@ -19,9 +19,12 @@ of the calibration sample is scored against a fixed candidate set, the dense
 embeddings ``ê`` of the calibration partners and the distractors,
 ``ℓ_i = ½ [CE(cos(e(s_i), ê(B))/τ, i) + CE(cos(e(b_i), ê(S))/τ, i)]``, τ = 0.05 (the multiple
 negatives ranking loss of sentence-transformers with the candidate tower held fixed).
-Magnitude pruning uses no data, so it is run once (its spread over seeds is zero).
+Magnitude pruning uses no data, so it is run once (its spread over seeds is zero). OBD uses
+the exact empirical Fisher diagonal of the ``m = --calibration`` per-sample gradients
+(``--xdiag N`` adds OBD with the GGN diagonal by XDiag with ``N`` products); WoodFisher a
+block-diagonal Fisher (``--block``, same ``m``). Prints a markdown table and the CPU time.
 
-    python examples/prune_minilm.py [--seeds 0 1 2] [--calibration 32] [--threads 1]
+    python examples/prune_minilm.py [--seeds 0 1 2] [--calibration 32] [--xdiag 8] [--only XDiag] [--threads 1]
 """
 
 from __future__ import annotations
@@ -135,7 +138,8 @@ def methods(args: argparse.Namespace, seed: int) -> dict[str, Callable[..., Prun
             obj, block_size=args.block, fisher_samples=m, vectorize=False, **t),
         "layer-wise OBS (SparseGPT)": lambda obj, **t: prune_layerwise_obs(obj, progress=False, **t),
     }
-    return {k: v for k, v in chosen.items() if args.xdiag or "XDiag" not in k}
+    chosen = {k: v for k, v in chosen.items() if args.xdiag or "XDiag" not in k}
+    return {k: v for k, v in chosen.items() if not args.only or any(word in k for word in args.only)}
 
 
 def one_seed(setup: dict, args: argparse.Namespace, seed: int, done: dict) -> dict[tuple[str, str], tuple[float, float]]:
@@ -204,6 +208,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=96, help="fixed distractors in the per-sample loss")
     parser.add_argument("--xdiag", type=int, default=0, help="also OBD with the GGN diagonal by XDiag with this many products")
     parser.add_argument("--block", type=int, default=16, help="WoodFisher block size B")
+    parser.add_argument("--only", nargs="+", help="run only the methods whose label contains one of these words")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
