@@ -108,6 +108,23 @@ def test_iterative_methods_agree_with_exact(mlp, method, damping, options):
     assert _corr(approx, exact) > 0.99
 
 
+def test_iterative_preconditioner_reports_residual(mlp):
+    """cg records the largest relative residual of its last solve; a capped run says it did not converge."""
+    model, (X, y), (Xq, yq) = mlp
+    objective = Objective(model, nn.CrossEntropyLoss(), (X, y))
+    G = _per_sample(model, Xq, yq).T
+    inverse = preconditioner(objective, "cg", 0.01)
+    X_cg = inverse.apply(G)
+    C = dense_matrix(GGN(objective))
+    true = ((G - C @ X_cg - inverse.damping * X_cg).norm(dim=0) / G.norm(dim=0)).max()
+    assert inverse.info["converged"] and inverse.info["max_residual"] <= 1e-6
+    assert float(true) < 1e-5 and inverse.info["matvecs"] > 0
+    capped = preconditioner(objective, "cg", 0.01, maxiter=3)
+    with pytest.warns(UserWarning, match="did not reach"):
+        capped.apply(G)
+    assert not capped.info["converged"] and capped.info["max_residual"] > 1e-3
+
+
 def test_ekfac_exact_for_one_linear_layer_and_one_sample():
     torch.manual_seed(1)
     model = nn.Linear(5, 3).double()

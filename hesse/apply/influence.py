@@ -121,9 +121,9 @@ def preconditioner(objective: Objective, method: str = "cg", damping: float = 0.
         raise HesseError(f"unknown influence method {method!r}; choose one of {', '.join(METHODS)}.")
     if not (math.isfinite(damping) and damping >= 0):
         raise HesseError(f"damping must be a finite number >= 0, got {damping!r}.")
-    started = time.perf_counter()
+    started, info = time.perf_counter(), {}
     if method == "identity":
-        return Preconditioner(method, 0.0, lambda G: G, {"method": method, "seconds": 0.0, "matvecs": 0})
+        return Preconditioner(method, 0.0, lambda G: G, {"method": method, "setup_seconds": 0.0})
     op = curvature_operator(objective, curvature, method, seed)
     if method == "exact":
         matrix = dense_matrix(op)
@@ -135,8 +135,8 @@ def preconditioner(objective: Objective, method: str = "cg", damping: float = 0.
     else:
         tr = trace(op, budget=TRACE_BUDGET, seed=seed).estimate if relative_damping else 0.0
         lam = _absolute(damping, relative_damping, tr, op.shape[0], method)
-        apply = _iterative(op, method, lam, curvature, seed, options)
-    info = {"method": method, "curvature": curvature, "damping": lam, "setup_seconds": time.perf_counter() - started}
+        apply = _iterative(op, method, lam, curvature, seed, options, info)
+    info.update(method=method, curvature=curvature, damping=lam, setup_seconds=time.perf_counter() - started)
     return Preconditioner(method, lam, apply, info)
 
 
@@ -161,21 +161,31 @@ def _dense_solver(matrix: torch.Tensor, lam: float) -> Callable[[torch.Tensor], 
 
 
 def _iterative(op: LinearOperator, method: str, lam: float, curvature: str, seed: int,
-               options: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The cg/minres, lissa or arnoldi route as ``G ↦ X``."""
+               options: dict[str, Any], info: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The cg/minres, lissa or arnoldi route as ``G ↦ X``; each solve records its largest relative
+    residual ``max_k ||g_k - (C + λI) x_k|| / ||g_k||``, ``converged`` and ``matvecs`` in ``info``."""
     known = {"cg": {"tol", "maxiter"}, "lissa": {"depth", "repeats", "scale"}, "arnoldi": {"rank"}}[method]
     unknown = set(options) - known
     if unknown:
         raise HesseError(f"options {sorted(unknown)} do not apply to method={method!r}; it takes {sorted(known)}.")
     if method == "arnoldi":
-        return lowrank_inverse(op, lam, options.get("rank", 50), seed=seed).matmat
+        inverse = lowrank_inverse(op, lam, options.get("rank", 50), seed=seed)
+        info["matvecs"] = inverse.eigen.matvecs
+        return inverse.matmat
     if method == "lissa":
-        settings = dict(depth=options.get("depth", 1000), repeats=options.get("repeats", 1),
-                        scale=options.get("scale"), seed=seed, tol=1e-6)
-        return lambda G: lissa(op, G, damping=lam, **settings).solution
-    solver = minres if curvature == "hessian" else cg
-    settings = dict(tol=options.get("tol", 1e-6), maxiter=options.get("maxiter", 500))
-    return lambda G: solver(op, G, damping=lam, **settings).solution
+        solver, settings = lissa, dict(depth=options.get("depth", 1000), repeats=options.get("repeats", 1),
+                                       scale=options.get("scale"), seed=seed, tol=1e-6)
+    else:
+        solver = minres if curvature == "hessian" else cg
+        settings = dict(tol=options.get("tol", 1e-6), maxiter=options.get("maxiter", 500))
+
+    def solve(G: torch.Tensor) -> torch.Tensor:
+        result = solver(op, G, damping=lam, **settings)
+        info.update(max_residual=float(result.residuals.max()), converged=result.all_converged,
+                    matvecs=info.get("matvecs", 0) + result.matvecs, iterations=result.iterations)
+        return result.solution
+
+    return solve
 
 
 # ---- streaming per-sample gradients --------------------------------------------------------------
