@@ -148,6 +148,10 @@ def test_relative_damping_and_refusals(logistic):
         preconditioner(objective, "kfac", curvature="hessian")
     with pytest.raises(HesseError, match="unknown influence method"):
         preconditioner(objective, "magic")
+    with pytest.raises(HesseError, match=r"\['rank'\] do not apply to method='exact'"):
+        preconditioner(objective, "exact", rank=50)  # was silently ignored
+    with pytest.raises(HesseError, match="do not apply to method='cg'"):
+        pairwise(model, nn.CrossEntropyLoss(), (X, y), (X[:2], y[:2]), method="cg", depth=10)
     assert chunk_length(1000, None, memory=240_000) == 10
 
 

@@ -64,6 +64,7 @@ CURVATURES = ("ggn", "hessian", "fisher")
 EXACT_LIMIT = 5000
 MEMORY = 256 * 2**20
 TRACE_BUDGET = 30
+OPTIONS = {"cg": {"tol", "maxiter"}, "lissa": {"depth", "repeats", "scale"}, "arnoldi": {"rank"}}
 
 
 @dataclass
@@ -114,6 +115,10 @@ def preconditioner(objective: Objective, method: str = "cg", damping: float = 0.
                    **options: Any) -> Preconditioner:
     """Build ``(C + λI)⁻¹`` by ``method`` (see the module docstring) on the training objective.
 
+    ``info`` records the absolute ``damping``, ``setup_seconds``, the products of ``C`` so far
+    (``matvecs``: ``P`` for exact, the trace estimate and every solve for the iterative methods)
+    and, for cg/lissa, the last solve's ``max_residual`` and ``converged``.
+
     ``options``: ``tol`` and ``maxiter`` (cg; defaults 1e-6, 500), ``depth``, ``repeats`` and
     ``scale`` (lissa; defaults 1000, 1, automatic), ``rank`` (arnoldi; default 50).
     """
@@ -121,19 +126,24 @@ def preconditioner(objective: Objective, method: str = "cg", damping: float = 0.
         raise HesseError(f"unknown influence method {method!r}; choose one of {', '.join(METHODS)}.")
     if not (math.isfinite(damping) and damping >= 0):
         raise HesseError(f"damping must be a finite number >= 0, got {damping!r}.")
+    unknown = set(options) - OPTIONS.get(method, set())
+    if unknown:
+        raise HesseError(f"options {sorted(unknown)} do not apply to method={method!r}; it takes "
+                         f"{sorted(OPTIONS.get(method, set())) or 'none'}.")
     started, info = time.perf_counter(), {}
     if method == "identity":
         return Preconditioner(method, 0.0, lambda G: G, {"method": method, "setup_seconds": 0.0})
     op = curvature_operator(objective, curvature, method, seed)
     if method == "exact":
-        matrix = dense_matrix(op)
+        matrix, info["matvecs"] = dense_matrix(op), op.shape[0]
         lam = _absolute(damping, relative_damping, float(matrix.diagonal().sum()), op.shape[0], method)
         apply = _dense_solver(matrix, lam)
     elif method in ("kfac", "ekfac"):
         lam = _absolute(damping, relative_damping, op.trace(), op.shape[0], method)
         apply = op.inverse(lam).matmat
     else:
-        tr = trace(op, budget=TRACE_BUDGET, seed=seed).estimate if relative_damping else 0.0
+        estimate = trace(op, budget=TRACE_BUDGET, seed=seed) if relative_damping else None
+        tr, info["matvecs"] = (estimate.estimate, estimate.matvecs) if estimate else (0.0, 0)
         lam = _absolute(damping, relative_damping, tr, op.shape[0], method)
         apply = _iterative(op, method, lam, curvature, seed, options, info)
     info.update(method=method, curvature=curvature, damping=lam, setup_seconds=time.perf_counter() - started)
@@ -164,13 +174,9 @@ def _iterative(op: LinearOperator, method: str, lam: float, curvature: str, seed
                options: dict[str, Any], info: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
     """The cg/minres, lissa or arnoldi route as ``G ↦ X``; each solve records its largest relative
     residual ``max_k ||g_k - (C + λI) x_k|| / ||g_k||``, ``converged`` and ``matvecs`` in ``info``."""
-    known = {"cg": {"tol", "maxiter"}, "lissa": {"depth", "repeats", "scale"}, "arnoldi": {"rank"}}[method]
-    unknown = set(options) - known
-    if unknown:
-        raise HesseError(f"options {sorted(unknown)} do not apply to method={method!r}; it takes {sorted(known)}.")
     if method == "arnoldi":
         inverse = lowrank_inverse(op, lam, options.get("rank", 50), seed=seed)
-        info["matvecs"] = inverse.eigen.matvecs
+        info["matvecs"] += inverse.eigen.matvecs
         return inverse.matmat
     if method == "lissa":
         solver, settings = lissa, dict(depth=options.get("depth", 1000), repeats=options.get("repeats", 1),
@@ -182,7 +188,7 @@ def _iterative(op: LinearOperator, method: str, lam: float, curvature: str, seed
     def solve(G: torch.Tensor) -> torch.Tensor:
         result = solver(op, G, damping=lam, **settings)
         info.update(max_residual=float(result.residuals.max()), converged=result.all_converged,
-                    matvecs=info.get("matvecs", 0) + result.matvecs, iterations=result.iterations)
+                    matvecs=info["matvecs"] + result.matvecs, iterations=result.iterations)
         return result.solution
 
     return solve
