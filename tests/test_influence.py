@@ -197,6 +197,17 @@ def test_memmap_resume_after_interrupt(logistic, tmp_path, monkeypatch):
     torch.testing.assert_close(torch.from_numpy(np.load(out)), full)
 
 
+def test_resume_checks_the_settings_of_a_given_inverse(logistic, tmp_path):
+    """With ``inverse=``, the store records that inverse's method and damping (not the unused defaults),
+    so resuming with another inverse is refused instead of mixing scores of two inverses."""
+    model, (X, y), (Xq, yq) = logistic
+    objective = Objective(model, nn.CrossEntropyLoss(), (X, y))
+    out = tmp_path / "scores.npy"
+    pairwise(objective, query_data=(Xq, yq), inverse=preconditioner(objective, "exact", 0.1), out=out)
+    with pytest.raises(HesseError, match="settings differ"):
+        pairwise(objective, query_data=(Xq, yq), inverse=preconditioner(objective, "kfac", 0.1), out=out, resume=True)
+
+
 @pytest.mark.slow
 def test_leave_one_out_retraining_matches_prediction():
     """L2-regularised logistic regression: predicted vs actual test-loss change without each of 60 examples.

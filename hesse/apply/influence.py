@@ -274,7 +274,9 @@ def pairwise(model_or_objective: nn.Module | Objective, criterion: Any = None, t
     if query_data is None:
         raise HesseError("pass query_data: the examples whose predictions are explained.")
     chunk = chunk_length(objective.size, chunk_size, memory, objective.dtype.itemsize)
-    store = _Store.open(out, resume, count_samples(objective.data.source), method, damping, curvature)
+    settings = (method, damping, curvature) if inverse is None else \
+        (inverse.method, inverse.damping, inverse.info.get("curvature", curvature))  # what produced the scores
+    store = _Store.open(out, resume, count_samples(objective.data.source), *settings)
     X = store.preconditioned() if store else None
     if X is None:
         G = query_gradients(objective, query_data, chunk, vectorize)
