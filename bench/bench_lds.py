@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--outputs", default=None, help=".npy file: reuse the retrained outputs saved there "
+                        "by an earlier run with the same settings, or save them to it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = dict(hidden=args.hidden, l2=args.l2, steps=args.steps)
@@ -131,7 +133,14 @@ def main() -> None:
     for j in range(args.subsets):
         masks[j, torch.randperm(args.n_train, generator=gen)[:size]] = True
     model, wall, cpu = timed(train, *train_set, 0, **settings)
-    outputs, rwall, rcpu = timed(retrained_outputs, train_set, queries, masks, args.seeds, settings)
+    if args.outputs and os.path.exists(args.outputs):
+        outputs, rwall, rcpu = np.load(args.outputs), 0.0, 0.0
+        if outputs.shape != (args.seeds, args.subsets, args.n_query):
+            parser.error(f"{args.outputs} holds outputs of shape {outputs.shape}, not (seeds, subsets, n_query)")
+    else:
+        outputs, rwall, rcpu = timed(retrained_outputs, train_set, queries, masks, args.seeds, settings)
+        if args.outputs:
+            np.save(args.outputs, outputs)
     print(f"full model: train accuracy {float((model(train_set[0]).argmax(1) == train_set[1]).double().mean()):.3f}, "
           f"query accuracy {float((model(queries[0]).argmax(1) == queries[1]).double().mean()):.3f}; "
           f"{args.subsets} x {args.seeds} retrainings: {rwall:.0f} s wall, {rcpu:.0f} s CPU; "
