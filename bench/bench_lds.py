@@ -8,8 +8,10 @@ over the seeds; the attribution's prediction is the sum of its scores over the s
 
     LDS = mean over queries q of  Spearman_j( g(q, S_j), f(q; θ_{S_j}) ).
 
-Here ``f = -ℓ(q)``, the negative query cross-entropy (a positive score means ``z`` lowers
-the query loss, see ``hesse.apply.influence``). The scores come from ONE model trained on all
+Here ``f = -m(q)`` for a loss-like measurement ``m``: the query cross-entropy
+(``--measurement loss``, default) or minus TRAK's margin ``o_y - log Σ_{k≠y} exp o_k``
+(``--measurement margin``), whose gradients the scores use (``pairwise(measurement=...)``;
+a positive score means ``z`` lowers ``m(q)``, see ``hesse.apply.influence``). The scores come from ONE model trained on all
 ``n`` examples (seed 0). The "noise ceiling" row is the LDS of one retraining seed's outputs
 against the mean of the others: the best a predictor can score against ``K``-seed averages
 is about this (higher with more seeds). Prints markdown tables: LDS ± std over queries,
@@ -29,11 +31,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from hesse.apply.influence import pairwise
+from hesse.apply.influence import negative_margin, pairwise
 from hesse.examples import load_dataset
 
 METHODS = {"exact": {}, "cg": {"maxiter": 100}, "lissa": {"depth": 300}, "arnoldi": {"rank": 50},
            "kfac": {}, "ekfac": {}, "identity": {}}
+MEASUREMENTS = {"loss": nn.CrossEntropyLoss(), "margin": negative_margin}
 
 
 def digits(n_train: int, n_query: int, seed: int = 0) -> tuple[tuple, tuple]:
@@ -58,15 +61,17 @@ def train(X: torch.Tensor, y: torch.Tensor, seed: int, hidden: int, l2: float, s
 
 
 def retrained_outputs(train_set: tuple, queries: tuple, masks: torch.Tensor, seeds: int,
-                      settings: dict) -> np.ndarray:
-    """``[seeds, M, n_query]``: ``f = -ℓ(q)`` of the model retrained on each subset, per seed."""
+                      settings: dict, measurement: str) -> np.ndarray:
+    """``[seeds, M, n_query]``: ``f = -m(q)`` of the model retrained on each subset, per seed."""
     X, y = train_set
+    measure = MEASUREMENTS[measurement]
     out = np.empty((seeds, len(masks), len(queries[1])))
     for j, mask in enumerate(masks):
         for s in range(seeds):
             model = train(X[mask], y[mask], 1000 * j + s + 1, **settings)
             with torch.no_grad():
-                out[s, j] = -nn.functional.cross_entropy(model(queries[0]), queries[1], reduction="none").numpy()
+                logits = model(queries[0])
+                out[s, j] = [-float(measure(logits[i:i + 1], queries[1][i:i + 1])) for i in range(len(logits))]
     return out
 
 
@@ -91,13 +96,13 @@ def timed(fn, *args, **kwargs):
 
 
 def score_methods(model: nn.Module, train_set: tuple, queries: tuple, masks: torch.Tensor,
-                  actual: np.ndarray, damping: float, methods: list[str]) -> list[str]:
+                  actual: np.ndarray, damping: float, methods: list[str], measurement: str) -> list[str]:
     """One markdown row per method: LDS, seconds, agreement with ``exact``."""
     data = [(train_set[0][i:i + 250], train_set[1][i:i + 250]) for i in range(0, len(train_set[1]), 250)]
     rows, exact = [], None
     for method in methods:
         scores, wall, cpu = timed(pairwise, model, nn.CrossEntropyLoss(), data, queries, method=method,
-                                  damping=damping, **METHODS[method])
+                                  damping=damping, measurement=MEASUREMENTS[measurement], **METHODS[method])
         exact = scores if method == "exact" else exact
         agree = f"{np.corrcoef(scores.reshape(-1), exact.reshape(-1))[0, 1]:.3f}" if exact is not None else "-"
         per_query = lds(scores, masks, actual)
@@ -120,9 +125,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="Adam steps per training run")
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--measurement", choices=list(MEASUREMENTS), default="loss")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--outputs", default=None, help=".npy file: reuse the retrained outputs saved there "
-                        "by an earlier run with the same settings, or save them to it")
+                        "by an earlier run with the same settings and measurement, or save them to it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = dict(hidden=args.hidden, l2=args.l2, steps=args.steps)
@@ -138,7 +144,8 @@ def main() -> None:
         if outputs.shape != (args.seeds, args.subsets, args.n_query):
             parser.error(f"{args.outputs} holds outputs of shape {outputs.shape}, not (seeds, subsets, n_query)")
     else:
-        outputs, rwall, rcpu = timed(retrained_outputs, train_set, queries, masks, args.seeds, settings)
+        outputs, rwall, rcpu = timed(retrained_outputs, train_set, queries, masks, args.seeds, settings,
+                                     args.measurement)
         if args.outputs:
             np.save(args.outputs, outputs)
     print(f"full model: train accuracy {float((model(train_set[0]).argmax(1) == train_set[1]).double().mean()):.3f}, "
@@ -151,7 +158,7 @@ def main() -> None:
         print(f"noise ceiling (seed 0 vs mean of the other {args.seeds - 1}): {ceiling.mean():.3f} ± {ceiling.std():.3f}")
     print("\n| damping | method | LDS ± std over queries | wall s | CPU s | Pearson vs exact |\n|---|---|---|---|---|---|")
     for damping in args.dampings:
-        score_methods(model, train_set, queries, masks, actual, damping, args.methods)
+        score_methods(model, train_set, queries, masks, actual, damping, args.methods, args.measurement)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

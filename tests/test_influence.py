@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hesse.apply.influence import chunk_length, dense_matrix, pairwise, preconditioner, self_influence
+from hesse.apply.influence import chunk_length, dense_matrix, negative_margin, pairwise, preconditioner, self_influence
 from hesse.errors import HesseError
 from hesse.examples import load_dataset
 from hesse.operators import GGN, Objective
@@ -123,6 +123,25 @@ def test_iterative_preconditioner_reports_residual(mlp):
     with pytest.warns(UserWarning, match="did not reach"):
         capped.apply(G)
     assert not capped.info["converged"] and capped.info["max_residual"] > 1e-3
+
+
+def test_measurement_margin_equals_dense_formula(mlp):
+    """``measurement=negative_margin``: the query gradients are those of ``log Σ_{k≠y} e^{o_k} − o_y``."""
+    model, (X, y), (Xq, yq) = mlp
+    rows = []
+    for x, t in zip(Xq, yq):
+        model.zero_grad()
+        out = model(x[None])[0]
+        others = torch.cat([out[:t], out[t + 1:]])
+        (others.logsumexp(0) - out[t]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    model.zero_grad()
+    exact = preconditioner(Objective(model, nn.CrossEntropyLoss(), (X, y)), "exact", 0.01)
+    expected = torch.stack(rows) @ exact.apply(_per_sample(model, X, y).T)
+    scores = pairwise(model, nn.CrossEntropyLoss(), (X, y), (Xq, yq), inverse=exact, measurement=negative_margin)
+    torch.testing.assert_close(scores, expected)
+    same = pairwise(model, nn.CrossEntropyLoss(), (X, y), (Xq, yq), inverse=exact, measurement=nn.CrossEntropyLoss())
+    torch.testing.assert_close(same, pairwise(model, nn.CrossEntropyLoss(), (X, y), (Xq, yq), inverse=exact))
 
 
 def test_ekfac_exact_for_one_linear_layer_and_one_sample():

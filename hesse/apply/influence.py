@@ -255,9 +255,14 @@ def pairwise(model_or_objective: nn.Module | Objective, criterion: Any = None, t
              relative_damping: bool = True, curvature: str = "ggn", chunk_size: int | None = None,
              memory: int = MEMORY, out: str | Path | None = None, resume: bool = False, vectorize: bool = True,
              seed: int = 0, on_interrupt: str = "raise", params: Any = None, forward: Any = None,
-             inverse: Preconditioner | None = None, **options: Any) -> torch.Tensor:
+             inverse: Preconditioner | None = None, measurement: Any = None, **options: Any) -> torch.Tensor:
     """Influence of every training example on every query: ``[n_query, n_train]``,
     ``S[q, z] = g_qᵀ (C + λI)⁻¹ g_z`` (positive: ``z`` helps ``q``; see the module docstring).
+
+    ``g_q`` is the gradient of the training criterion on the query, or of ``measurement(output,
+    target)`` (Grosse et al. 2023's measurement ``f``, Kronfluence's ``compute_measurement``),
+    a loss-like callable: a positive score means removing ``z`` would raise it. For TRAK's margin
+    (Park et al. 2023) pass :func:`negative_margin`.
 
     ``train_data`` and ``query_data`` follow the operators' conventions (a DataLoader, a list
     of batches or one batch; dict batches with ``forward=``). The query gradients are
@@ -279,7 +284,7 @@ def pairwise(model_or_objective: nn.Module | Objective, criterion: Any = None, t
     store = _Store.open(out, resume, count_samples(objective.data.source), *settings)
     X = store.preconditioned() if store else None
     if X is None:
-        G = query_gradients(objective, query_data, chunk, vectorize)
+        G = query_gradients(_measured(objective, measurement, query_data), query_data, chunk, vectorize)
         inverse = inverse or preconditioner(objective, method, damping, relative_damping=relative_damping,
                                             curvature=curvature, seed=seed, **options)
         X = inverse.apply(G)
@@ -288,6 +293,23 @@ def pairwise(model_or_objective: nn.Module | Objective, criterion: Any = None, t
     n_train = count_samples(objective.data.source) if store is None else store.n_train
     scores = torch.full((X.shape[1], n_train), float("nan"), dtype=X.dtype)
     return _stream(objective, chunk, vectorize, lambda Gt: X.T @ Gt.T.to(X.dtype), scores, store, on_interrupt)
+
+
+def negative_margin(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``log Σ_{k≠y} exp o_k − o_y``, averaged over the samples: minus the classification margin
+    of TRAK (Park et al. 2023), lower is better like a loss; use as ``pairwise(measurement=...)``."""
+    own = torch.arange(output.shape[-1], device=output.device) == target[..., None]
+    others = torch.where(own, torch.full_like(output, float("-inf")), output).logsumexp(-1)
+    return (others - (output * own).sum(-1)).mean()
+
+
+def _measured(objective: Objective, measurement: Any, query_data: Any) -> Objective:
+    """The objective whose per-sample gradients are the query gradients: the training one, or
+    ``measurement`` on the same model, parameters and forward."""
+    if measurement is None:
+        return objective
+    return Objective(objective.model, measurement, query_data, forward=objective.forward,
+                     params=objective.param_names)
 
 
 def self_influence(model_or_objective: nn.Module | Objective, criterion: Any = None, train_data: Any = None, *,
