@@ -5,8 +5,9 @@ The problem of ``bench_influence.py`` (64-32-10 tanh MLP, float64, 1,000 trainin
 Both libraries get the same absolute damping ``λ = damping · tr(C)/P`` (``tr C`` from hesse's
 EK-FAC of the GGN) and run in float64 on one thread. Every tool runs in its own subprocess:
 wall and CPU seconds of the whole influence computation (factors + scores, Kronfluence's
-writes to disk included), and the peak resident memory of the process (``ru_maxrss``) with
-its increase over the setup (imports, model, data).
+writes to disk included), and the peak resident memory during it (``VmHWM``, reset through
+``/proc/self/clear_refs`` after the setup: imports, model, data) with its increase over the
+resident memory at its start.
 
 Kronfluence (Grosse et al. 2023; Analyzer / Task / ``fit_all_factors`` /
 ``compute_pairwise_scores`` as its documentation shows) fits the true Fisher with ONE sampled
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -49,14 +49,15 @@ def _loaders(train: tuple, batch: int = 250) -> list[tuple[torch.Tensor, torch.T
     return [(train[0][i:i + batch], train[1][i:i + batch]) for i in range(0, len(train[1]), batch)]
 
 
-def run_hesse(model: nn.Module, train: tuple, queries: tuple, name: str, lam: float, cg_maxiter: int) -> torch.Tensor:
-    """hesse ``pairwise`` with the absolute damping ``lam``."""
+def run_hesse(model: nn.Module, train: tuple, queries: tuple, name: str, lam: float, cg_maxiter: int,
+              memory_mib: int) -> torch.Tensor:
+    """hesse ``pairwise`` with the absolute damping ``lam`` and a ``memory`` budget for per-sample gradients."""
     from hesse.apply.influence import pairwise
 
     method, curvature = HESSE[name]
     options = {"maxiter": cg_maxiter} if method == "cg" else {}
     return pairwise(model, nn.CrossEntropyLoss(), _loaders(train), queries, method=method, damping=lam,
-                    relative_damping=False, curvature=curvature, **options)
+                    relative_damping=False, curvature=curvature, memory=memory_mib * 2**20, **options)
 
 
 def run_kronfluence(model: nn.Module, train: tuple, queries: tuple, name: str, lam: float, workdir: Path) -> torch.Tensor:
@@ -104,17 +105,24 @@ def child(tool: str, workdir: Path) -> None:
     library, name = tool.split("-", 1)
     if library == "kronfluence":
         import kronfluence  # noqa: F401  (imported before the baseline memory is read)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak: measure the computation only
+    base_rss = _status_kib("VmRSS")
     wall, cpu = time.perf_counter(), time.process_time()
     if library == "hesse":
-        scores = run_hesse(model, train, queries, name, setup["lam"], setup["cg_maxiter"])
+        scores = run_hesse(model, train, queries, name, setup["lam"], setup["cg_maxiter"], setup["memory_mib"])
     else:
         scores = run_kronfluence(model, train, queries, name, setup["lam"], workdir)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     np.save(workdir / f"{tool}.npy", scores.detach().double().numpy())
     (workdir / f"{tool}.json").write_text(json.dumps({"wall": wall, "cpu": cpu, "peak_mib": peak / 1024,
                                                       "added_mib": (peak - base_rss) / 1024}))
+
+
+def _status_kib(field: str) -> int:
+    """A memory field of ``/proc/self/status`` in KiB (``VmRSS``: now, ``VmHWM``: peak since the reset)."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1])
 
 
 def _corr(a: np.ndarray, b: np.ndarray, ranks: bool = False) -> float:
@@ -128,7 +136,7 @@ def table(workdir: Path, tools: list[str]) -> None:
     scores = {t: np.load(workdir / f"{t}.npy").reshape(-1) for t in tools if (workdir / f"{t}.npy").exists()}
     reference = "hesse-exact" if "hesse-exact" in scores else "hesse-cg"  # exact is refused above P = 5,000
     exact = scores.get(reference)
-    print(f"\n| tool | wall s | CPU s | peak RSS MiB (+ over setup) | Pearson / Spearman vs {reference} | "
+    print(f"\n| tool | wall s | CPU s | peak RSS MiB (+ over the start) | Pearson / Spearman vs {reference} | "
           "vs counterpart (Pearson, slope) |\n|---|---|---|---|---|---|")
     for tool, s in scores.items():
         info = json.loads((workdir / f"{tool}.json").read_text())
@@ -145,6 +153,7 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=0.01, help="relative: λ = damping · tr(C)/P")
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--cg-maxiter", type=int, default=200)
+    parser.add_argument("--memory-mib", type=int, default=256, help="hesse's memory= budget for per-sample gradients")
     parser.add_argument("--tools", nargs="+", default=TOOLS, choices=TOOLS)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the scores here (default: a temporary folder)")
     parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
@@ -160,7 +169,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "setup.json").write_text(json.dumps({"hidden": args.hidden, "lam": lam, "cg_maxiter": args.cg_maxiter}))
+        (workdir / "setup.json").write_text(json.dumps({"hidden": args.hidden, "lam": lam, "cg_maxiter": args.cg_maxiter,
+                                                        "memory_mib": args.memory_mib}))
         print(f"P = {ekfac.shape[0]}, λ = {args.damping:g} · tr/P = {lam:.4g}; load average {os.getloadavg()[0]:.2f}")
         for tool in args.tools:
             done = subprocess.run([sys.executable, __file__, "--child", tool, "--workdir", str(workdir)],
