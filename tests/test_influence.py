@@ -225,6 +225,9 @@ def test_resume_checks_the_settings_of_a_given_inverse(logistic, tmp_path):
     pairwise(objective, query_data=(Xq, yq), inverse=preconditioner(objective, "exact", 0.1), out=out)
     with pytest.raises(HesseError, match="settings differ"):
         pairwise(objective, query_data=(Xq, yq), inverse=preconditioner(objective, "kfac", 0.1), out=out, resume=True)
+    with pytest.raises(HesseError, match="measurement"):
+        pairwise(objective, query_data=(Xq, yq), inverse=preconditioner(objective, "exact", 0.1), out=out, resume=True,
+                 measurement=negative_margin)
 
 
 @pytest.mark.slow

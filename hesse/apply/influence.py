@@ -281,7 +281,8 @@ def pairwise(model_or_objective: nn.Module | Objective, criterion: Any = None, t
     chunk = chunk_length(objective.size, chunk_size, memory, objective.dtype.itemsize)
     settings = (method, damping, curvature) if inverse is None else \
         (inverse.method, inverse.damping, inverse.info.get("curvature", curvature))  # what produced the scores
-    store = _Store.open(out, resume, count_samples(objective.data.source), *settings)
+    measured = None if measurement is None else getattr(measurement, "__name__", type(measurement).__name__)
+    store = _Store.open(out, resume, count_samples(objective.data.source), *settings, measured)
     X = store.preconditioned() if store else None
     if X is None:
         G = query_gradients(_measured(objective, measurement, query_data), query_data, chunk, vectorize)
@@ -365,14 +366,15 @@ class _Store:
 
     @classmethod
     def open(cls, out: str | Path | None, resume: bool, n_train: int, method: str, damping: float,
-             curvature: str) -> "_Store | None":
+             curvature: str, measurement: str | None = None) -> "_Store | None":
         """A fresh store, the one to resume (settings checked), or ``None`` without ``out``."""
         if out is None:
             if resume:
                 raise HesseError("resume=True needs out= (the .npy file of the interrupted run).")
             return None
         path = Path(out)
-        meta = {"n_train": n_train, "done": 0, "method": method, "damping": damping, "curvature": curvature}
+        meta = {"n_train": n_train, "done": 0, "method": method, "damping": damping, "curvature": curvature,
+                "measurement": measurement}
         progress = Path(f"{path}.json")
         if resume and progress.exists():
             saved = json.loads(progress.read_text())
