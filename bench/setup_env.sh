@@ -5,8 +5,10 @@
 # Contents: CPU torch 2.13.0 (the local wheel this machine ships; pip picks it
 # up via find-links), torchvision (PyPI, installed so that it does NOT replace
 # the CPU torch -- BackPACK imports it), the three peer libraries
-# (PyHessian, hessian-eigenthings, curvlinops) plus BackPACK, scikit-learn,
-# numpy, scipy, tqdm and hesse itself (editable).
+# (PyHessian, hessian-eigenthings, curvlinops) plus BackPACK, Kronfluence (influence
+# functions; it needs torchvision, kept on the CPU torch by the constraint, and pulls
+# accelerate, safetensors and huggingface_hub), scikit-learn, numpy, scipy, tqdm and
+# hesse itself (editable).
 #
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
@@ -54,6 +56,7 @@ $PIP install -c "$CONSTRAINTS" \
     "hessian-eigenthings==1.0.0a5" \
     "backpack-for-pytorch==1.7.1" \
     "curvlinops-for-pytorch==3.0.1" \
+    "kronfluence==1.0.1" \
     "scikit-learn" "numpy" "scipy" "tqdm"
 
 # 4. hesse itself, editable (its dependencies resolve under the same torch pin).
@@ -69,7 +72,7 @@ fi
 $VENV/bin/python - <<'PY'
 import importlib
 for m in ["torch", "torchvision", "pyhessian", "hessian_eigenthings", "backpack",
-          "curvlinops", "sklearn", "scipy", "numpy", "tqdm", "hesse"]:
+          "curvlinops", "kronfluence", "sklearn", "scipy", "numpy", "tqdm", "hesse"]:
     try:
         mod = importlib.import_module(m)
         print(f"{m:22s} {getattr(mod, '__version__', 'ok')}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hesse.apply.influence import chunk_length, dense_matrix, pairwise, preconditioner, self_influence
+from hesse.apply.influence import chunk_length, dense_matrix, negative_margin, pairwise, preconditioner, self_influence
 from hesse.errors import HesseError
 from hesse.examples import load_dataset
 from hesse.operators import GGN, Objective
@@ -108,6 +108,42 @@ def test_iterative_methods_agree_with_exact(mlp, method, damping, options):
     assert _corr(approx, exact) > 0.99
 
 
+def test_iterative_preconditioner_reports_residual(mlp):
+    """cg records the largest relative residual of its last solve; a capped run says it did not converge."""
+    model, (X, y), (Xq, yq) = mlp
+    objective = Objective(model, nn.CrossEntropyLoss(), (X, y))
+    G = _per_sample(model, Xq, yq).T
+    inverse = preconditioner(objective, "cg", 0.01)
+    X_cg = inverse.apply(G)
+    C = dense_matrix(GGN(objective))
+    true = ((G - C @ X_cg - inverse.damping * X_cg).norm(dim=0) / G.norm(dim=0)).max()
+    assert inverse.info["converged"] and inverse.info["max_residual"] <= 1e-6
+    assert float(true) < 1e-5 and inverse.info["matvecs"] > 0
+    capped = preconditioner(objective, "cg", 0.01, maxiter=3)
+    with pytest.warns(UserWarning, match="did not reach"):
+        capped.apply(G)
+    assert not capped.info["converged"] and capped.info["max_residual"] > 1e-3
+
+
+def test_measurement_margin_equals_dense_formula(mlp):
+    """``measurement=negative_margin``: the query gradients are those of ``log Σ_{k≠y} e^{o_k} − o_y``."""
+    model, (X, y), (Xq, yq) = mlp
+    rows = []
+    for x, t in zip(Xq, yq):
+        model.zero_grad()
+        out = model(x[None])[0]
+        others = torch.cat([out[:t], out[t + 1:]])
+        (others.logsumexp(0) - out[t]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    model.zero_grad()
+    exact = preconditioner(Objective(model, nn.CrossEntropyLoss(), (X, y)), "exact", 0.01)
+    expected = torch.stack(rows) @ exact.apply(_per_sample(model, X, y).T)
+    scores = pairwise(model, nn.CrossEntropyLoss(), (X, y), (Xq, yq), inverse=exact, measurement=negative_margin)
+    torch.testing.assert_close(scores, expected)
+    same = pairwise(model, nn.CrossEntropyLoss(), (X, y), (Xq, yq), inverse=exact, measurement=nn.CrossEntropyLoss())
+    torch.testing.assert_close(same, pairwise(model, nn.CrossEntropyLoss(), (X, y), (Xq, yq), inverse=exact))
+
+
 def test_ekfac_exact_for_one_linear_layer_and_one_sample():
     torch.manual_seed(1)
     model = nn.Linear(5, 3).double()
@@ -131,6 +167,10 @@ def test_relative_damping_and_refusals(logistic):
         preconditioner(objective, "kfac", curvature="hessian")
     with pytest.raises(HesseError, match="unknown influence method"):
         preconditioner(objective, "magic")
+    with pytest.raises(HesseError, match=r"\['rank'\] do not apply to method='exact'"):
+        preconditioner(objective, "exact", rank=50)  # was silently ignored
+    with pytest.raises(HesseError, match="do not apply to method='cg'"):
+        pairwise(model, nn.CrossEntropyLoss(), (X, y), (X[:2], y[:2]), method="cg", depth=10)
     assert chunk_length(1000, None, memory=240_000) == 10
 
 
@@ -174,6 +214,20 @@ def test_memmap_resume_after_interrupt(logistic, tmp_path, monkeypatch):
                        resume=True)
     torch.testing.assert_close(resumed, full)
     torch.testing.assert_close(torch.from_numpy(np.load(out)), full)
+
+
+def test_resume_checks_the_settings_of_a_given_inverse(logistic, tmp_path):
+    """With ``inverse=``, the store records that inverse's method and damping (not the unused defaults),
+    so resuming with another inverse is refused instead of mixing scores of two inverses."""
+    model, (X, y), (Xq, yq) = logistic
+    objective = Objective(model, nn.CrossEntropyLoss(), (X, y))
+    out = tmp_path / "scores.npy"
+    pairwise(objective, query_data=(Xq, yq), inverse=preconditioner(objective, "exact", 0.1), out=out)
+    with pytest.raises(HesseError, match="settings differ"):
+        pairwise(objective, query_data=(Xq, yq), inverse=preconditioner(objective, "kfac", 0.1), out=out, resume=True)
+    with pytest.raises(HesseError, match="measurement"):
+        pairwise(objective, query_data=(Xq, yq), inverse=preconditioner(objective, "exact", 0.1), out=out, resume=True,
+                 measurement=negative_margin)
 
 
 @pytest.mark.slow

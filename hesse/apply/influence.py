@@ -64,6 +64,7 @@ CURVATURES = ("ggn", "hessian", "fisher")
 EXACT_LIMIT = 5000
 MEMORY = 256 * 2**20
 TRACE_BUDGET = 30
+OPTIONS = {"cg": {"tol", "maxiter"}, "lissa": {"depth", "repeats", "scale"}, "arnoldi": {"rank"}}
 
 
 @dataclass
@@ -114,6 +115,10 @@ def preconditioner(objective: Objective, method: str = "cg", damping: float = 0.
                    **options: Any) -> Preconditioner:
     """Build ``(C + λI)⁻¹`` by ``method`` (see the module docstring) on the training objective.
 
+    ``info`` records the absolute ``damping``, ``setup_seconds``, the products of ``C`` so far
+    (``matvecs``: ``P`` for exact, the trace estimate and every solve for the iterative methods)
+    and, for cg/lissa, the last solve's ``max_residual`` and ``converged``.
+
     ``options``: ``tol`` and ``maxiter`` (cg; defaults 1e-6, 500), ``depth``, ``repeats`` and
     ``scale`` (lissa; defaults 1000, 1, automatic), ``rank`` (arnoldi; default 50).
     """
@@ -121,22 +126,27 @@ def preconditioner(objective: Objective, method: str = "cg", damping: float = 0.
         raise HesseError(f"unknown influence method {method!r}; choose one of {', '.join(METHODS)}.")
     if not (math.isfinite(damping) and damping >= 0):
         raise HesseError(f"damping must be a finite number >= 0, got {damping!r}.")
-    started = time.perf_counter()
+    unknown = set(options) - OPTIONS.get(method, set())
+    if unknown:
+        raise HesseError(f"options {sorted(unknown)} do not apply to method={method!r}; it takes "
+                         f"{sorted(OPTIONS.get(method, set())) or 'none'}.")
+    started, info = time.perf_counter(), {}
     if method == "identity":
-        return Preconditioner(method, 0.0, lambda G: G, {"method": method, "seconds": 0.0, "matvecs": 0})
+        return Preconditioner(method, 0.0, lambda G: G, {"method": method, "setup_seconds": 0.0})
     op = curvature_operator(objective, curvature, method, seed)
     if method == "exact":
-        matrix = dense_matrix(op)
+        matrix, info["matvecs"] = dense_matrix(op), op.shape[0]
         lam = _absolute(damping, relative_damping, float(matrix.diagonal().sum()), op.shape[0], method)
         apply = _dense_solver(matrix, lam)
     elif method in ("kfac", "ekfac"):
         lam = _absolute(damping, relative_damping, op.trace(), op.shape[0], method)
         apply = op.inverse(lam).matmat
     else:
-        tr = trace(op, budget=TRACE_BUDGET, seed=seed).estimate if relative_damping else 0.0
+        estimate = trace(op, budget=TRACE_BUDGET, seed=seed) if relative_damping else None
+        tr, info["matvecs"] = (estimate.estimate, estimate.matvecs) if estimate else (0.0, 0)
         lam = _absolute(damping, relative_damping, tr, op.shape[0], method)
-        apply = _iterative(op, method, lam, curvature, seed, options)
-    info = {"method": method, "curvature": curvature, "damping": lam, "setup_seconds": time.perf_counter() - started}
+        apply = _iterative(op, method, lam, curvature, seed, options, info)
+    info.update(method=method, curvature=curvature, damping=lam, setup_seconds=time.perf_counter() - started)
     return Preconditioner(method, lam, apply, info)
 
 
@@ -161,21 +171,27 @@ def _dense_solver(matrix: torch.Tensor, lam: float) -> Callable[[torch.Tensor], 
 
 
 def _iterative(op: LinearOperator, method: str, lam: float, curvature: str, seed: int,
-               options: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The cg/minres, lissa or arnoldi route as ``G ↦ X``."""
-    known = {"cg": {"tol", "maxiter"}, "lissa": {"depth", "repeats", "scale"}, "arnoldi": {"rank"}}[method]
-    unknown = set(options) - known
-    if unknown:
-        raise HesseError(f"options {sorted(unknown)} do not apply to method={method!r}; it takes {sorted(known)}.")
+               options: dict[str, Any], info: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The cg/minres, lissa or arnoldi route as ``G ↦ X``; each solve records its largest relative
+    residual ``max_k ||g_k - (C + λI) x_k|| / ||g_k||``, ``converged`` and ``matvecs`` in ``info``."""
     if method == "arnoldi":
-        return lowrank_inverse(op, lam, options.get("rank", 50), seed=seed).matmat
+        inverse = lowrank_inverse(op, lam, options.get("rank", 50), seed=seed)
+        info["matvecs"] += inverse.eigen.matvecs
+        return inverse.matmat
     if method == "lissa":
-        settings = dict(depth=options.get("depth", 1000), repeats=options.get("repeats", 1),
-                        scale=options.get("scale"), seed=seed, tol=1e-6)
-        return lambda G: lissa(op, G, damping=lam, **settings).solution
-    solver = minres if curvature == "hessian" else cg
-    settings = dict(tol=options.get("tol", 1e-6), maxiter=options.get("maxiter", 500))
-    return lambda G: solver(op, G, damping=lam, **settings).solution
+        solver, settings = lissa, dict(depth=options.get("depth", 1000), repeats=options.get("repeats", 1),
+                                       scale=options.get("scale"), seed=seed, tol=1e-6)
+    else:
+        solver = minres if curvature == "hessian" else cg
+        settings = dict(tol=options.get("tol", 1e-6), maxiter=options.get("maxiter", 500))
+
+    def solve(G: torch.Tensor) -> torch.Tensor:
+        result = solver(op, G, damping=lam, **settings)
+        info.update(max_residual=float(result.residuals.max()), converged=result.all_converged,
+                    matvecs=info["matvecs"] + result.matvecs, iterations=result.iterations)
+        return result.solution
+
+    return solve
 
 
 # ---- streaming per-sample gradients --------------------------------------------------------------
@@ -239,9 +255,14 @@ def pairwise(model_or_objective: nn.Module | Objective, criterion: Any = None, t
              relative_damping: bool = True, curvature: str = "ggn", chunk_size: int | None = None,
              memory: int = MEMORY, out: str | Path | None = None, resume: bool = False, vectorize: bool = True,
              seed: int = 0, on_interrupt: str = "raise", params: Any = None, forward: Any = None,
-             inverse: Preconditioner | None = None, **options: Any) -> torch.Tensor:
+             inverse: Preconditioner | None = None, measurement: Any = None, **options: Any) -> torch.Tensor:
     """Influence of every training example on every query: ``[n_query, n_train]``,
     ``S[q, z] = g_qᵀ (C + λI)⁻¹ g_z`` (positive: ``z`` helps ``q``; see the module docstring).
+
+    ``g_q`` is the gradient of the training criterion on the query, or of ``measurement(output,
+    target)`` (Grosse et al. 2023's measurement ``f``, Kronfluence's ``compute_measurement``),
+    a loss-like callable: a positive score means removing ``z`` would raise it. For TRAK's margin
+    (Park et al. 2023) pass :func:`negative_margin`.
 
     ``train_data`` and ``query_data`` follow the operators' conventions (a DataLoader, a list
     of batches or one batch; dict batches with ``forward=``). The query gradients are
@@ -258,10 +279,13 @@ def pairwise(model_or_objective: nn.Module | Objective, criterion: Any = None, t
     if query_data is None:
         raise HesseError("pass query_data: the examples whose predictions are explained.")
     chunk = chunk_length(objective.size, chunk_size, memory, objective.dtype.itemsize)
-    store = _Store.open(out, resume, count_samples(objective.data.source), method, damping, curvature)
+    settings = (method, damping, curvature) if inverse is None else \
+        (inverse.method, inverse.damping, inverse.info.get("curvature", curvature))  # what produced the scores
+    measured = None if measurement is None else getattr(measurement, "__name__", type(measurement).__name__)
+    store = _Store.open(out, resume, count_samples(objective.data.source), *settings, measured)
     X = store.preconditioned() if store else None
     if X is None:
-        G = query_gradients(objective, query_data, chunk, vectorize)
+        G = query_gradients(_measured(objective, measurement, query_data), query_data, chunk, vectorize)
         inverse = inverse or preconditioner(objective, method, damping, relative_damping=relative_damping,
                                             curvature=curvature, seed=seed, **options)
         X = inverse.apply(G)
@@ -270,6 +294,23 @@ def pairwise(model_or_objective: nn.Module | Objective, criterion: Any = None, t
     n_train = count_samples(objective.data.source) if store is None else store.n_train
     scores = torch.full((X.shape[1], n_train), float("nan"), dtype=X.dtype)
     return _stream(objective, chunk, vectorize, lambda Gt: X.T @ Gt.T.to(X.dtype), scores, store, on_interrupt)
+
+
+def negative_margin(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``log Σ_{k≠y} exp o_k − o_y``, averaged over the samples: minus the classification margin
+    of TRAK (Park et al. 2023), lower is better like a loss; use as ``pairwise(measurement=...)``."""
+    own = torch.arange(output.shape[-1], device=output.device) == target[..., None]
+    others = torch.where(own, torch.full_like(output, float("-inf")), output).logsumexp(-1)
+    return (others - (output * own).sum(-1)).mean()
+
+
+def _measured(objective: Objective, measurement: Any, query_data: Any) -> Objective:
+    """The objective whose per-sample gradients are the query gradients: the training one, or
+    ``measurement`` on the same model, parameters and forward."""
+    if measurement is None:
+        return objective
+    return Objective(objective.model, measurement, query_data, forward=objective.forward,
+                     params=objective.param_names)
 
 
 def self_influence(model_or_objective: nn.Module | Objective, criterion: Any = None, train_data: Any = None, *,
@@ -325,14 +366,15 @@ class _Store:
 
     @classmethod
     def open(cls, out: str | Path | None, resume: bool, n_train: int, method: str, damping: float,
-             curvature: str) -> "_Store | None":
+             curvature: str, measurement: str | None = None) -> "_Store | None":
         """A fresh store, the one to resume (settings checked), or ``None`` without ``out``."""
         if out is None:
             if resume:
                 raise HesseError("resume=True needs out= (the .npy file of the interrupted run).")
             return None
         path = Path(out)
-        meta = {"n_train": n_train, "done": 0, "method": method, "damping": damping, "curvature": curvature}
+        meta = {"n_train": n_train, "done": 0, "method": method, "damping": damping, "curvature": curvature,
+                "measurement": measurement}
         progress = Path(f"{path}.json")
         if resume and progress.exists():
             saved = json.loads(progress.read_text())
