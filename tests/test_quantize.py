@@ -156,3 +156,16 @@ def test_evaluation_uses_a_copy_and_never_touches_the_model(tmp_path):
     config = export_config(sens, allocation, tmp_path / "q.json")
     assert json.loads((tmp_path / "q.json").read_text()) == config
     assert [r["bits"] for r in config["layers"]] == allocation.bits and config["layers"][1]["rows"] == [0, 8]
+
+
+def test_traces_without_top_eigenvalues_match_per_layer_and_refuse_qbert():
+    model, data = attention_problem()
+    full = sensitivities(model, nn.CrossEntropyLoss(), data, bits=(2, 4), rtol=0.01, trace_probes=400)
+    fast = sensitivities(model, nn.CrossEntropyLoss(), data, bits=(2, 4), rtol=0.01, trace_probes=400,
+                         top_eigenvalues=False)
+    assert fast.trace == pytest.approx(full.trace, rel=0.05) and np.isnan(fast.top_eigenvalue).all()
+    assert fast.result.matvecs < full.result.matvecs and fast.omega() == pytest.approx(full.omega(), rel=0.1)
+    rows = fast.rows()
+    assert rows[0]["top_eigenvalue"] is None and rows[0]["omega_qbert"] is None and rows[0]["omega"]["2"] > 0
+    with pytest.raises(HesseError, match="top_eigenvalues=True"):
+        fast.omega("qbert")
