@@ -10,9 +10,10 @@ every seed; each seed draws :data:`CALIBRATION_PAIRS` others for the curvature.
 
 Curvature: the Hessian of the contrastive loss the model was trained with (multiple
 negatives ranking loss, ``hesse.examples.minilm.contrastive_forward``: in-batch negatives,
-temperature 0.05) on the seed's calibration pairs in one batch, traces of the 36 diagonal
-blocks to ``rtol`` 0.1 (at most ``--probes`` products), no top eigenvalues (HAWQ-V2's Ω
-needs only traces).
+temperature 0.05; ``--curvature ggn``: its Gauss-Newton matrix) on the seed's calibration
+pairs in one batch; traces of the 36 diagonal blocks to ``rtol`` 0.1 (at most ``--probes``
+products), no top eigenvalues (HAWQ-V2's Ω needs only traces). Each process peaks at
+6-9 GB of memory: run seeds one after the other on a 24 GB machine.
 
 Metrics of a quantized model on the evaluation set (the float model's in the header): each
 query retrieves among all :data:`EVAL_PAIRS` passages by cosine similarity: recall@1 and the
@@ -23,7 +24,9 @@ output channel (activations float), at 25%, 50%, 75% of the way from all-3-bit t
 size; ``--randoms`` random allocations per budget and seed, the claim compared with the
 median of those at least as large as the Hessian-aware one.
 
-    python examples/quantize_minilm.py [--seeds 0 1 2] [--randoms 4] [--probes 100] [--threads 1]
+    python examples/quantize_minilm.py [--seeds 0 1 2] [--randoms 4] [--probes 100] [--curvature hessian]
+    python examples/quantize_minilm.py --seeds 0 --save s0.json   # one process per seed, then:
+    python examples/quantize_minilm.py --merge s0.json s1.json s2.json
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from torch import nn
 from torch.func import functional_call
 
 from hesse.apply.quantize import (
-    QuantLayer, allocate_bits, find_layers, fraction_limit, quantized_weights, random_allocation, reversed_allocation, sensitivities,
+    QuantLayer, allocate_bits, find_layers, fraction_limit, quantized_weights, random_allocation, reversed_allocation,
+    sensitivities,
 )
 from hesse.examples.minilm import contrastive_forward, load_minilm, pair_batches
 from hesse.operators import Objective
@@ -143,14 +147,15 @@ def split(pairs: list[tuple[str, str]], seed: int) -> tuple[list, list]:
     return [pairs[i] for i in order[:EVAL_PAIRS]], [pairs[i] for i in rest[:CALIBRATION_PAIRS]]
 
 
-def one_seed(seed: int, randoms: int, probes: int, model: nn.Module, tokenizer, retrieval: Retrieval) -> dict:
+def one_seed(seed: int, randoms: int, probes: int, model: nn.Module, tokenizer, retrieval: Retrieval,
+             curvature_kind: str = "hessian") -> dict:
     """``{fraction: {"hessian": (MiB, recall@1, MRR, fidelity), "reversed": ..., "random": [...], "bits": [...]}}``."""
     _, calibration = split(docstring_pairs(), seed)
     curvature = Objective(model, nn.CrossEntropyLoss(), pair_batches(tokenizer, calibration, CALIBRATION_PAIRS),
                           forward=contrastive_forward, params=[LINEAR])
     start, cpu = time.perf_counter(), time.process_time()
-    sens = sensitivities(curvature, bits=BITS, layers=[LINEAR], rtol=0.1, trace_probes=probes, seed=seed,
-                         top_eigenvalues=False, hessian_method="double-backward")
+    sens = sensitivities(curvature, bits=BITS, layers=[LINEAR], curvature=curvature_kind, rtol=0.1,
+                         trace_probes=probes, seed=seed, top_eigenvalues=False, hessian_method="double-backward")
     print(f"seed {seed}: calibration loss {curvature.loss():.4f}; traces {sens.result.matvecs} products, "
           f"{time.perf_counter() - start:.0f} s wall, {time.process_time() - cpu:.0f} s CPU\n{sens.result.table()}",
           flush=True)
@@ -193,10 +198,17 @@ def summary(runs: list[dict]) -> None:
         hess = [r["hessian"] for r in rows]
         rand = [_median([x for x in r["random"] if x[0] >= r["hessian"][0] - 1e-9]) for r in rows]
         rev = [r["reversed"] for r in rows]
-        wins = [f"{sum(h[c] > o[c] or (loose and h[c] == o[c]) for h, o in zip(hess, other))}/{len(rows)}"
-                for c in (2, 3) for other, loose in ((rand, True), (rev, False))]
+        wins = [_wins(hess, other, c, loose) for c in (2, 3) for other, loose in ((rand, True), (rev, False))]
         print(f"| {fraction:.0%} | {np.mean([h[0] for h in hess]) * 8 * 2 ** 20 / rows[0]['weights']:.2f} | "
               f"{_ms(hess)} | {_ms(rand)} | {_ms(rev)} | {' | '.join(wins)} |")
+
+
+def _wins(hess: list[tuple], other: list[tuple], column: int, loose: bool) -> str:
+    """Seeds where the Hessian-aware value is above (``loose``: at least) the other's, of those
+    where the other exists (no random allocation as large: ``n/a``)."""
+    pairs = [(h[column], o[column]) for h, o in zip(hess, other) if not np.isnan(o[column])]
+    wins = sum(h > o or (loose and h == o) for h, o in pairs)
+    return f"{wins}/{len(pairs)}" + (f" ({len(hess) - len(pairs)} n/a)" if len(pairs) < len(hess) else "")
 
 
 def _median(rows: list[tuple[float, ...]]) -> tuple[float, ...]:
@@ -206,7 +218,8 @@ def _median(rows: list[tuple[float, ...]]) -> tuple[float, ...]:
 
 
 def _ms(rows: list[tuple[float, ...]]) -> str:
-    return " / ".join(f"{np.mean([r[c] for r in rows]):.4f} ± {np.std([r[c] for r in rows]):.4f}" for c in (1, 2, 3))
+    columns = [np.array([r[c] for r in rows]) for c in (1, 2, 3)]
+    return " / ".join(f"{np.nanmean(v):.4f} ± {np.nanstd(v):.4f}" if not np.isnan(v).all() else "n/a" for v in columns)
 
 
 def main() -> None:
@@ -215,6 +228,7 @@ def main() -> None:
     parser.add_argument("--randoms", type=int, default=4)
     parser.add_argument("--probes", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian")
     parser.add_argument("--save", type=Path, help="also write the runs as JSON (one process per seed, then --merge)")
     parser.add_argument("--merge", type=Path, nargs="+", help="only print the summary of runs saved with --save")
     args = parser.parse_args()
@@ -229,7 +243,8 @@ def main() -> None:
     layers = find_layers(model, only=[LINEAR])
     print(f"Python {sys.version.split()[0]}: {len(pairs)} docstring pairs, {EVAL_PAIRS} evaluated; "
           f"{uniform(model, layers, retrieval)}", flush=True)
-    runs = [one_seed(seed, args.randoms, args.probes, model, tokenizer, retrieval) for seed in args.seeds]
+    runs = [one_seed(seed, args.randoms, args.probes, model, tokenizer, retrieval, args.curvature)
+            for seed in args.seeds]
     if args.save:
         args.save.write_text(json.dumps([{str(f): r for f, r in run.items()} for run in runs]))
     summary(runs)

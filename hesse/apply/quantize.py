@@ -114,7 +114,7 @@ class Sensitivity:
                  "negative": bool(self.negative[i]),
                  "significant": bool(self.significant[i]),
                  "omega": {str(b): float(omega[i, j]) for j, b in enumerate(self.bits)},
-                 "omega_qbert": None if qbert is None else {str(b): float(qbert[i, j]) for j, b in enumerate(self.bits)}}
+                 "omega_qbert": None if qbert is None else {str(b): float(v) for b, v in zip(self.bits, qbert[i])}}
                 for i, q in enumerate(self.layers)]
 
 
