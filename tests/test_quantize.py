@@ -121,7 +121,8 @@ def test_attention_projections_are_split_and_their_traces_match_the_exact_blocks
     sens = sensitivities(model, nn.CrossEntropyLoss(), data, bits=(2, 4), rtol=0.01, trace_probes=400)
     H = Hessian(model, nn.CrossEntropyLoss(), data, params=["attn.in_proj_weight"]) @ torch.eye(192, dtype=torch.float64)
     exact = [float(torch.diagonal(H)[i * 64:(i + 1) * 64].sum()) for i in range(3)]
-    assert sens.trace[1:4] == pytest.approx(exact, rel=1e-6)  # 64-weight blocks are computed exactly
+    assert sens.trace[1:4] == pytest.approx(exact, rel=0.01)  # rtol=0.01 with ~95% confidence
+    assert np.all(np.abs(sens.trace[1:4] - exact) <= 4 * sens.trace_stderr[1:4] + 1e-12)
     assert [q.macs for q in layers][1:] == [0.0] * 5 and sens.layers[1].macs == 5 * 64 and sens.layers[0].macs == 0
     assert sens.omega()[:, 0] == pytest.approx(np.maximum(sens.trace, 0) / sens.numel * sens.perturbation[:, 0])
     assert sens.omega("qbert")[:, 1] == pytest.approx(np.maximum(sens.top_eigenvalue, 0) * sens.perturbation[:, 1])

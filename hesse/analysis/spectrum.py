@@ -207,7 +207,7 @@ class PerLayerResult(_ResultMixin):
     layer's average curvature, comparable across layers of different size. :attr:`ranking`
     orders blocks by it; :attr:`indistinguishable` lists neighbouring pairs of the ranking
     whose difference is within ``TIE_STDERRS`` combined standard errors (their order is
-    noise). ``trace_matvecs``: products of the view the traces used; ``matvecs``: all.
+    noise). ``trace_matvecs``: products of the whole operator the traces used; ``matvecs``: all.
     """
 
     names: list[str]
@@ -328,18 +328,21 @@ def per_layer(
     (Meyer et al. 2021) in rounds on its own sketch and probes, and all blocks share each
     product of the block-diagonal view ``D`` (one product multiplies every block's columns
     stacked in its rows, ``D [X_1; ...; X_B] = [A_11 X_1; ...; A_BB X_B]``: one data pass for
-    all blocks), until each block's error is below ``rtol |trace|`` with about 95% confidence
-    (``2 stderr <= rtol |trace|``) or ``trace_probes``
-    products are used. A block whose ``n_b`` identity columns cost no more than the
-    estimators' run is computed exactly from its diagonal (stderr 0), riding in the same
-    products. Blocks that miss ``rtol`` raise a :class:`NotConvergedWarning`.
+    all blocks, one column of ``A`` per block column), until each block's error is below
+    ``rtol |trace|`` with about 95% confidence or ``trace_probes`` columns of the view (per
+    block) are used; a finished block takes no more columns. A block of at most 60 entries, or one
+    whose ``n_b`` identity columns cost no more than the estimators still need, is computed
+    exactly from its diagonal (stderr 0). Blocks that miss ``rtol`` raise a
+    :class:`NotConvergedWarning`.
 
     Top eigenvalues: Lanczos (:mod:`hesse.linalg.lanczos`) on all blocks simultaneously, one
-    recurrence per block in that block's rows, so each step is one product of ``D``; block
-    ``b`` stops when its residual estimate ``beta_j |e_j^T s|`` is below ``tol |theta|`` or
-    after ``max_steps``. ``density_kwargs`` (e.g. ``{}``) also computes each block's SLQ density.
+    recurrence per block in that block's rows, so each step is one product of ``D`` (one
+    column of ``A`` per unfinished block); block ``b`` stops when its residual estimate
+    ``beta_j |e_j^T s|`` is below ``tol |theta|`` or after ``max_steps``.
+    ``density_kwargs`` (e.g. ``{}``) also computes each block's SLQ density.
 
-    ``matvecs`` counts products of the view (plus 2 for the symmetry check). Ctrl-C: traces
+    ``matvecs`` counts products of the whole operator ``A`` (columns of data passes, the
+    symmetry check's included), ``trace_matvecs`` those of the traces. Ctrl-C: traces
     from the finished products (unfinished exact ones extrapolated, none yet: NaN), top
     eigenvalues as the Ritz values so far (unconverged); the partial result is attached to
     the ``KeyboardInterrupt`` as ``.partial`` or returned (``on_interrupt="return"``).
@@ -351,7 +354,9 @@ def per_layer(
     if trace_probes < 2:
         raise HesseError("trace_probes must be at least 2 to report a stderr.")
     check_on_interrupt(on_interrupt)
-    D, used = prepare_operator(_block_diagonal_view(op, by), check_symmetric, seed)
+    view = _block_diagonal_view(op, by)
+    view_products = view.parent_products
+    D, used = prepare_operator(view, check_symmetric, seed)
     names = list(D.blocks)
     gen = torch.Generator().manual_seed(seed)
     nan = {n: float("nan") for n in names}
@@ -360,33 +365,38 @@ def per_layer(
                          dict.fromkeys(names, "none"), rtol, 0, used)
     traces = BlockTraces(D, rtol, trace_probes, gen)
     lz = Lanczos(D.matmat, D.size, D.dtype, D.device, segments=list(D.blocks.values()), on_breakdown="stop")
-    with progress_bar(total=trace_probes + max_steps, desc="per-layer", enabled=progress, unit="matvec") as bar:
+    trace_start = D.parent_products
+
+    def count_products() -> None:  # every column of A: products of the view and of single blocks
+        res.matvecs = D.parent_products - view_products + sum(d.matvecs for d in res.densities.values())
+
+    with progress_bar(total=trace_probes + max_steps, desc="per-layer", enabled=progress, unit="pass") as bar:
         stage = "traces"
         try:
             traces.run(bar.update)
-            _record_traces(traces.results(), res)
+            _record_traces(traces.results(), res, D.parent_products - trace_start)
             stage = "eigenvalues"
             _block_top_eigenvalues(lz, res, tol, max_steps, gen, bar)
             stage = "densities"
             for n in names if density_kwargs is not None else ():
                 res.densities[n] = density(D.block(n), seed=seed, progress=progress, **density_kwargs)
-                res.matvecs += res.densities[n].matvecs
         except KeyboardInterrupt as error:
             if stage == "traces":
-                _record_traces(traces.results(interrupted=True), res)
+                _record_traces(traces.results(interrupted=True), res, D.parent_products - trace_start)
             if stage != "densities":  # the Ritz values so far, unconverged
                 _record_top_eigenvalues(lz, res, [False] * len(names))
+            count_products()
             return interrupted(error, res, on_interrupt, "per_layer")
+    count_products()
     _warn_unconverged(res, tol, max_steps, trace_probes)
     return res
 
 
-def _record_traces(traces: dict[str, TraceResult], res: PerLayerResult) -> None:
-    """Store every block's trace, stderr and method, and the products they used."""
+def _record_traces(traces: dict[str, TraceResult], res: PerLayerResult, products: int) -> None:
+    """Store every block's trace, stderr and method, and the products of ``A`` they used."""
     for name, t in traces.items():
         res.trace[name], res.trace_stderr[name], res.trace_method[name] = t.estimate, t.stderr, t.method
-    res.trace_matvecs = next(iter(traces.values())).matvecs
-    res.matvecs += res.trace_matvecs
+    res.trace_matvecs = products
 
 
 def _warn_unconverged(res: PerLayerResult, tol: float, max_steps: int, trace_probes: int) -> None:
@@ -397,7 +407,7 @@ def _warn_unconverged(res: PerLayerResult, tol: float, max_steps: int, trace_pro
     loose = [n for n, ok in res.rtol_met.items() if not ok]
     if loose:
         warnings.warn(f"per_layer: traces of blocks {loose} did not reach rtol={res.rtol:g} within "
-                      f"trace_probes={trace_probes} products; raise trace_probes.", NotConvergedWarning, stacklevel=3)
+                      f"trace_probes={trace_probes} columns per block; raise trace_probes.", NotConvergedWarning, stacklevel=3)
 
 def _block_top_eigenvalues(lz: Lanczos, res: PerLayerResult, tol: float, max_steps: int,
                            gen: torch.Generator, bar) -> None:
@@ -419,8 +429,7 @@ def _block_top_eigenvalues(lz: Lanczos, res: PerLayerResult, tol: float, max_ste
 
 
 def _record_top_eigenvalues(lz: Lanczos, res: PerLayerResult, converged: list[bool]) -> None:
-    """Store every block's largest Ritz value (NaN before its first step) and its products."""
+    """Store every block's largest Ritz value (NaN before its first step)."""
     tops = [float(lz.ritz("largest", k)[0][0]) if lz.lengths[k] else float("nan") for k in range(len(lz.segments))]
     res.top_eigenvalue = dict(zip(res.names, tops))
     res.eigen_converged = dict(zip(res.names, converged))
-    res.matvecs += lz.products

@@ -217,6 +217,7 @@ class BlockDiagonalOperator(LinearOperator):
         self.symmetric_by_construction = parent.symmetric_by_construction
         self._blocks = dict(blocks)
         self.shape, self.dtype, self.device = parent.shape, parent.dtype, parent.device
+        self.parent_products = 0  # columns the parent has multiplied: the real cost
         covered = sorted((s.start, s.stop) for s in self._blocks.values())
         pos = 0
         for start, stop in covered:
@@ -253,6 +254,7 @@ class BlockDiagonalOperator(LinearOperator):
             stacked[s, start:start + len(cols)] = V[s][:, cols]
             start += len(cols)
         products = self.parent.matmat(stacked)
+        self.parent_products += total
         start = 0
         for s, cols in pieces:
             out[s, cols] = products[s, start:start + len(cols)]
