@@ -44,7 +44,7 @@ from hesse.apply.quantization.allocation import Allocation, allocate_bits, fract
 from hesse.apply.quantization.fake import perturbation, quantize_weight, quantized_copy, quantized_weights
 from hesse.apply.quantization.layers import QuantLayer, find_layers, layer_costs, measure_macs
 from hesse.errors import HesseError, NotConvergedWarning
-from hesse.linalg.block_estimators import BlockTraces as LayerTraces
+from hesse.linalg.block_estimators import BlockTraces
 from hesse.linalg.checks import check_positive
 from hesse.operators import GGN, BlockDiagonalOperator, Hessian, Objective, as_objective
 from hesse.operators.objective import Evaluation
@@ -149,8 +149,7 @@ def sensitivities(model: torch.nn.Module | Objective, criterion: Any = None, dat
     else:
         result = layer_traces(view, rtol=rtol, trace_probes=trace_probes, seed=seed, progress=progress)
     if np.isnan(list(result.trace.values())).any():
-        raise HesseError(f"the layer traces got no probe within trace_probes={trace_probes} products "
-                         f"(shared probes start after a sketch of about 20); raise trace_probes.")
+        raise HesseError(f"some layer traces got no probe within trace_probes={trace_probes}; raise trace_probes.")
     weights = {q.name: objective.model.get_parameter(q.param).detach()[q.rows] for q in found}
     errors = np.array([[perturbation(weights[q.name], b) for b in bits] for q in found])
     column = lambda values: np.array([values[q.name] for q in found], dtype=float)  # noqa: E731
@@ -160,24 +159,26 @@ def sensitivities(model: torch.nn.Module | Objective, criterion: Any = None, dat
 
 def layer_traces(view: BlockDiagonalOperator, *, rtol: float, trace_probes: int, seed: int = 0,
                  progress: bool | None = None) -> PerLayerResult:
-    """The traces of :func:`hesse.analysis.spectrum.per_layer` alone (same estimator, ``rtol``
-    and ``trace_probes``; top eigenvalues NaN, unconverged)."""
+    """The traces of :func:`hesse.analysis.spectrum.per_layer` alone (same estimator,
+    :class:`~hesse.linalg.block_estimators.BlockTraces`, same ``rtol`` and ``trace_probes``
+    columns per block); top eigenvalues NaN (unconverged); ``matvecs``: products of the whole
+    operator."""
     check_positive("rtol", rtol)
     if trace_probes < 2:
         raise HesseError("trace_probes must be at least 2 to report a stderr.")
-    names = list(view.blocks)
-    traces = LayerTraces(view, rtol, trace_probes, torch.Generator().manual_seed(seed))
-    with progress_bar(total=trace_probes, desc="layer traces", enabled=progress, unit="matvec") as bar:
+    names, start = list(view.blocks), view.parent_products
+    traces = BlockTraces(view, rtol, trace_probes, torch.Generator().manual_seed(seed))
+    with progress_bar(total=trace_probes, desc="layer traces", enabled=progress, unit="pass") as bar:
         traces.run(bar.update)
-    found = traces.results()
+    found, products = traces.results(), view.parent_products - start
     result = PerLayerResult(names, {n: s.stop - s.start for n, s in view.blocks.items()},
                             dict.fromkeys(names, math.nan), dict.fromkeys(names, False),
                             {n: t.estimate for n, t in found.items()}, {n: t.stderr for n, t in found.items()},
-                            {n: t.method for n, t in found.items()}, rtol, traces.matvecs, traces.matvecs)
+                            {n: t.method for n, t in found.items()}, rtol, products, products)
     loose = [n for n, ok in result.rtol_met.items() if not ok]
     if loose:
         warnings.warn(f"layer_traces: traces of {loose} did not reach rtol={rtol:g} within trace_probes="
-                      f"{trace_probes} products; raise trace_probes.", NotConvergedWarning, stacklevel=2)
+                      f"{trace_probes} columns per block; raise trace_probes.", NotConvergedWarning, stacklevel=2)
     return result
 
 
