@@ -1,8 +1,8 @@
 """Profile one Hessian product pass (K=1 and K=16) with torch.profiler and cProfile.
 
 Task: the CNN of ``bench/tasks.py`` (151,306 parameters, 1797 digits, 8 batches).
-For each K, after a warm-up pass (which, for ``method="auto"``, is the calibration that
-picks the method), one pass ``op @ V`` is profiled:
+For each K, after two warm-up passes (for ``method="auto"`` the second may time both
+methods, once the first has cost forward mode's start-up), one pass ``op @ V`` is profiled:
 
 * torch.profiler: the top operators by self CPU time, and the share of the pass's wall
   time spent outside every recorded torch operator (Python: hesse's own code, the data

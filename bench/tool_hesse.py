@@ -93,8 +93,10 @@ def run(task, quantity: str, cfg: dict, meter: dict) -> dict:
     hesse = _api()
     op = hesse.Hessian(task.model, task.criterion, task.loader)
     inner = op._matmat
+    widths: set[int] = set()
 
     def counted(V):
+        widths.add(int(V.shape[1]) if V.ndim == 2 else 1)
         meter["matvecs"] += int(V.shape[1]) if V.ndim == 2 else 1
         meter["passes"] += 1  # one _matmat call = one pass over the data, K columns at once
         return inner(V)
@@ -148,6 +150,8 @@ def run(task, quantity: str, cfg: dict, meter: dict) -> dict:
     rep_passes = getattr(res, "passes", None)
     if rep_passes is not None and int(rep_passes) != meter["passes"]:
         out["notes"].append(f"hesse reports {int(rep_passes)} passes, counted {meter['passes']}")
-    if isinstance(getattr(op, "method", None), str) and op.method == "auto" and getattr(op, "_chosen", None):
-        out["notes"].append("auto: " + ", ".join(f"K={k}->{m}" for k, m in sorted(op._chosen.items())))
+    if getattr(op, "method", None) == "auto" and hasattr(op, "method_for") and widths:
+        timed = getattr(op, "calibration", {})
+        out["notes"].append("auto: " + ", ".join(
+            f"K={k}->{op.method_for(k)}{'' if k in timed or k == 1 else ' (not timed)'}" for k in sorted(widths)))
     return out

@@ -178,3 +178,21 @@ def test_busy_machine_with_several_threads_is_warned_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         hesse.Objective(nn.Linear(3, 2), nn.CrossEntropyLoss(), (X, y)).loss()
+
+
+@pytest.mark.parametrize("stochastic, extra", [(False, 2), (True, 0)], ids=["deterministic", "stochastic"])
+def test_first_batch_guard_costs_at_most_two_plain_forwards(stochastic, extra):
+    """No buffers: two hook-free forwards of the first batch (none with ``stochastic=True``),
+    once per objective; a double-backward product itself runs one forward per batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    calls = []
+    model[0].register_forward_hook(lambda *_: calls.append(1))
+    X, y = torch.randn(10, 8, dtype=torch.float64), torch.randint(0, 3, (10,))
+    H = hesse.Hessian(model, nn.CrossEntropyLoss(), [(X[:6], y[:6]), (X[6:], y[6:])], stochastic=stochastic,
+                      method="double-backward")
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    H @ v
+    assert len(calls) == 2 + extra
+    H @ v
+    assert len(calls) == 4 + extra

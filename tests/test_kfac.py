@@ -70,6 +70,16 @@ def test_uneven_batches_give_the_factors_of_one_batch(mlp_problem):
             assert torch.allclose(block.scales, split[name].scales, atol=1e-13)
 
 
+def test_kronecker_factors_are_the_blocks_factors_without_eigendecompositions(mlp_problem):
+    model, crit, X, y, batches = mlp_problem
+    op = hesse.KFAC(model, crit, batches, kind="empirical")
+    raw = op.kronecker_factors()
+    assert op._blocks is None  # nothing eigendecomposed
+    for name, block in op.factors.items():
+        key = block.layer.key
+        assert torch.allclose(raw[key][0], block.A, atol=1e-13) and torch.allclose(raw[key][1], block.S, atol=1e-13)
+
+
 def test_sum_reduction_scales_by_the_number_of_samples(mlp_problem):
     model, _, X, y, batches = mlp_problem
     mean = hesse.KFAC(model, nn.CrossEntropyLoss(), batches, kind="empirical")

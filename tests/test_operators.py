@@ -384,11 +384,17 @@ def test_batched_second_backward_equals_the_per_vector_loop_on_attention():
     assert torch.allclose(forward @ V, reference, atol=1e-10)
 
 
-def test_auto_method_is_chosen_by_measurement_per_number_of_vectors(mlp_problem):
+def test_auto_method_is_chosen_by_measurement_per_number_of_vectors(mlp_problem, monkeypatch):
+    from hesse.operators import hessian
+
+    monkeypatch.setattr(hessian, "CALIBRATE_AFTER_S", 0.0)  # time at the first product with K vectors
     model, criterion, X, y, batches = mlp_problem
     H = hesse.Hessian(model, criterion, batches)
     reference = dense_hessian(model, criterion, X, y)
-    for K in (1, 4):
+    V = torch.randn(H.shape[0], 1, dtype=torch.float64)
+    assert torch.allclose(H @ V, reference @ V, atol=1e-10)
+    assert H.method_for(1) == "double-backward" and 1 not in H.calibration  # one vector: never timed
+    for K in (2, 4):
         V = torch.randn(H.shape[0], K, dtype=torch.float64)
         assert torch.allclose(H @ V, reference @ V, atol=1e-10)
         assert set(H.calibration[K]) == {"double-backward", "forward-over-reverse"}
@@ -396,6 +402,24 @@ def test_auto_method_is_chosen_by_measurement_per_number_of_vectors(mlp_problem)
     passes = H.passes
     H @ torch.randn(H.shape[0], 4, dtype=torch.float64)  # measured once: no new calibration
     assert H.passes == passes + 1 and len(H.calibration) == 2
+
+
+def test_auto_times_forward_mode_only_once_products_have_cost_its_start_up(mlp_problem, monkeypatch):
+    from hesse.operators import hessian
+
+    monkeypatch.setattr(hessian, "_forward_mode_warm", False)
+    monkeypatch.setattr(hessian, "CALIBRATE_AFTER_S", 3600.0)
+    model, criterion, X, y, batches = mlp_problem
+    H = hesse.Hessian(model, criterion, batches)
+    reference = dense_hessian(model, criterion, X, y)
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    for _ in range(2):
+        assert torch.allclose(H @ V, reference @ V, atol=1e-10)
+    assert H.calibration == {} and H.method_for(3) == "double-backward"
+    assert 0 < H._spent[3]  # the double-backward time that counts towards the start-up
+    monkeypatch.setattr(hessian, "CALIBRATE_AFTER_S", H._spent[3])
+    assert torch.allclose(H @ V, reference @ V, atol=1e-10)
+    assert set(H.calibration[3]) == {"double-backward", "forward-over-reverse"}
 
 
 def test_auto_falls_back_to_double_backward_without_forward_mode():

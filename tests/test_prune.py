@@ -12,7 +12,7 @@ from hesse.apply import (
     prune_obd, prune_woodfisher,
 )
 from hesse.apply.pruning.fisher_inverse import block_fisher_inverse, block_obs_update
-from hesse.apply.pruning.layerwise import collect_hessians, inverse_cholesky, sparsegpt
+from hesse.apply.pruning.layerwise import collect_hessians, inverse_cholesky, layer_groups, prune_layer, sparsegpt
 from hesse.apply.pruning.masks import nm_mask, schedule
 from hesse.errors import HesseError
 from hesse.operators import Objective
@@ -132,6 +132,21 @@ def test_nm_mask_keeps_n_of_every_m_along_the_inputs():
         nm_mask(torch.randn(2, 4), 1, 3)
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_obd_with_the_empirical_fisher_diagonal_scores_by_mean_squared_per_sample_gradients(vectorize):
+    model, criterion, data = _classifier(2)
+    objective = Objective(model, criterion, data)
+    result = prune_obd(objective, sparsity=0.6, curvature="empirical-fisher", fisher_samples=30, vectorize=vectorize)
+    rows = torch.cat([objective.per_sample_gradients(b) for b in data])[:30]
+    diag = objective.unflatten((rows ** 2).mean(0))
+    for name, mask in result.masks.items():
+        saliency = 0.5 * diag[name] * model.get_parameter(name).detach() ** 2
+        assert mask.sum() == saliency.numel() - round(0.6 * saliency.numel())
+        assert saliency[~mask].max() <= saliency[mask].min(), name
+    with pytest.raises(HesseError, match="empirical-fisher"):
+        prune_obd(objective, sparsity=0.5, curvature="fisher")
+
+
 def _classifier(seed: int = 0):
     torch.manual_seed(seed)
     model = TanhMLP().double()
@@ -242,3 +257,38 @@ def test_apply_masks_takes_a_result_or_masks_and_updates(mlp_problem):
     with pytest.raises(HesseError, match="not parameters"):
         apply_masks(model, {"nope": torch.ones(1, dtype=torch.bool)})
     assert result.to_dict()["method"] == "magnitude"
+
+
+class _TwoAttentionBlocks(nn.Module):
+    """Query/key/value projections reading one input, then an output projection, twice."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({k: nn.Linear(width, width) for k in ("q", "k", "v", "o")})
+                                    for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            weights = torch.softmax(b["q"](x) @ b["k"](x).transpose(-1, -2), -1)
+            x = x + b["o"](torch.tanh(weights @ b["v"](x)))
+        return x
+
+
+def test_sequential_layerwise_obs_groups_layers_with_one_input_and_stops_forwards_early():
+    """Same result as collecting each layer's Hessian by a full forward with the earlier layers
+    pruned; the model is called twice per batch (as a two-tower forward does)."""
+    torch.manual_seed(0)
+    model = _TwoAttentionBlocks().double()
+    data = [(torch.randn(3, 5, 8, dtype=torch.float64), torch.randn(3, 5, 8, dtype=torch.float64)) for _ in range(2)]
+    objective = Objective(model, nn.MSELoss(), data, forward=lambda m, b: (m(b[0]) + m(2 * b[0]), b[1]))
+    names = [n for n, _ in model.named_parameters() if n.endswith("weight")]
+    modules = {n: model.get_submodule(n.rpartition(".")[0]) for n in names}
+    groups, calls = layer_groups(objective, modules, dict(model.named_parameters()), data[0])
+    assert [len(g) for g in groups] == [3, 1, 3, 1] and set(calls.values()) == {2}
+    values = {n: p.detach() for n, p in model.named_parameters()}
+    for name in names:  # the reference: one full forward per layer
+        H = collect_hessians(objective, {name: modules[name]}, values, data)[name]
+        values[name] = prune_layer(values[name], H, name, damp=1e-2, block_size=4, fraction=0.5, nm=None)[0]
+    result = prune_layerwise_obs(objective, sparsity=0.5, block_size=4)
+    for name, pruned in result.pruned_values(model).items():
+        torch.testing.assert_close(pruned, values[name], msg=name)

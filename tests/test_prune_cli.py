@@ -38,6 +38,16 @@ def test_prune_writes_report_json_and_page_with_every_method_and_target(tmp_path
     assert again.exit_code == 0 and not (out / "index.html").exists()
 
 
+def test_obd_with_the_empirical_fisher_diagonal(tmp_path):
+    out = tmp_path / "report"
+    result = run(*SMALL, "--method", "obd", "--sparsity", "0.5", "--obd-diagonal", "empirical-fisher",
+                 "--fisher-samples", "16", "--out", str(out), "--json-only")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads((out / "report.json").read_text())["results"]
+    assert row["settings"] == {"curvature": "empirical-fisher", "fisher_samples": 16, "rounds": 1}
+    assert row["sparsity"] == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--sparsity", "1.5"], "--sparsity: 1.5 is not a fraction"),
     (["--sparsity", "half"], "is not a number"),

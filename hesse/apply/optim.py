@@ -501,8 +501,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         with eval_mode(self.model):
             op = KFAC(self.model, self.criterion, batch, params=names, seed=self.seed + self.steps,
                       stochastic=True, check_data=False, **self.kfac_kwargs)
-            # the factors only: the operator's own float32 eigendecompositions are not needed here
-            stats = dict(zip((layer.key for layer in op.layers), op._factor_pass()))
+            stats = op.kronecker_factors()  # no eigendecompositions: those come from the averages
         a = self.factor_decay
         for key in self._layers:
             A, S = stats[key]

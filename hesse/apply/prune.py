@@ -41,7 +41,7 @@ from hesse.apply.pruning.fisher_inverse import (
     block_obs_update,
     damping,
 )
-from hesse.apply.pruning.layerwise import collect_hessians, layer_module, prune_layer
+from hesse.apply.pruning.layerwise import collect_hessians, layer_groups, layer_module, prune_layer
 from hesse.apply.pruning.masks import (
     PruneResult,
     Sparsity,
@@ -89,33 +89,42 @@ def prune_magnitude(model: nn.Module | Objective, *, sparsity: float | Mapping[s
 def prune_obd(model: nn.Module | Objective, criterion: Callable | None = None, data: Any = None, *,
               sparsity: float | Mapping[str, float] | None = None, nm: tuple[int, int] | str | None = None,
               scope: str = "layer", params: Any = None, curvature: str = "ggn", method: str = "exact",
-              budget: int | None = None, seed: int = 0, rounds: int = 1, apply: bool = False,
-              **settings: Any) -> PruneResult:
+              budget: int | None = None, seed: int = 0, fisher_samples: int = 256, vectorize: bool = True,
+              rounds: int = 1, apply: bool = False, **settings: Any) -> PruneResult:
     """Optimal brain damage: remove the weights of least saliency ``½ H_qq w_q²``.
 
-    ``H`` is the diagonal of the ``curvature`` (``"ggn"``, PSD, default; or ``"hessian"``) of the
-    full-data loss w.r.t. the pruned tensors, by :func:`hesse.linalg.diagonal` with ``method``
-    (``"exact"``: one product per weight; ``"xdiag"``/``"hutchinson"``: ``budget`` products).
-    ``model, criterion, data, **settings`` are those of :class:`~hesse.Objective` (or pass one).
+    ``H`` is the diagonal of the ``curvature`` of the full-data loss w.r.t. the pruned tensors:
+    ``"ggn"`` (PSD, default) or ``"hessian"`` by :func:`hesse.linalg.diagonal` with ``method``
+    (``"exact"``: one product per weight; ``"xdiag"``/``"hutchinson"``: ``budget`` products), or
+    ``"empirical-fisher"``: ``(1/m) Σ_i g_i²`` exactly, from the per-sample gradients of the first
+    ``m = fisher_samples`` samples (as :func:`prune_woodfisher`; no estimator noise, so the
+    choice for models with millions of weights, where ``budget`` products cannot resolve a
+    diagonal). ``model, criterion, data, **settings`` are those of :class:`~hesse.Objective`.
     """
-    if curvature not in CURVATURES:
-        raise HesseError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}.")
+    if curvature not in (*CURVATURES, "empirical-fisher"):
+        raise HesseError(f"curvature must be 'ggn', 'hessian' or 'empirical-fisher', got {curvature!r}.")
     objective, names, spec, notes = _prepare(model, criterion, data, sparsity, nm, scope, params, settings)
 
     def one_round(values: Values) -> tuple[Values, None]:
-        op = CURVATURES[curvature](_objective_at(objective, values, names))
-        diag = op.objective.unflatten(diagonal(op, method, budget=budget, seed=seed).estimate)
-        return {n: 0.5 * diag[n] * values[n] ** 2 for n in names}, None
+        if curvature == "empirical-fisher":
+            G = per_sample_gradients(objective.restrict(names), values, fisher_samples, vectorize)
+            diag = objective.restrict(names).unflatten(sum(g.double() ** 2 for g in G) / G.shape[0])
+        else:
+            op = CURVATURES[curvature](_objective_at(objective, values, names))
+            diag = op.objective.unflatten(diagonal(op, method, budget=budget, seed=seed).estimate)
+        return {n: 0.5 * diag[n].to(values[n].dtype) * values[n] ** 2 for n in names}, None
 
     record = {"curvature": curvature, "method": method, "budget": budget, "seed": seed, "rounds": rounds}
+    if curvature == "empirical-fisher":
+        record = {"curvature": curvature, "fisher_samples": fisher_samples, "rounds": rounds}
     return _score_prune("obd", objective, names, spec, rounds, one_round, apply, record, notes)
 
 
 def prune_woodfisher(model: nn.Module | Objective, criterion: Callable | None = None, data: Any = None, *,
                      sparsity: float | Mapping[str, float] | None = None, nm: tuple[int, int] | str | None = None,
                      scope: str = "layer", params: Any = None, block_size: int | None = 128,
-                     fisher_samples: int = 256, damp: float = 1e-2, rounds: int = 1, apply: bool = False,
-                     **settings: Any) -> PruneResult:
+                     fisher_samples: int = 256, damp: float = 1e-2, rounds: int = 1, vectorize: bool = True,
+                     apply: bool = False, **settings: Any) -> PruneResult:
     """Optimal brain surgeon with the inverse damped empirical Fisher (WoodFisher / M-FAC).
 
     ``F = λI + (1/m) Σ g_i g_iᵀ`` from the per-sample gradients of the first ``m = fisher_samples``
@@ -123,7 +132,9 @@ def prune_woodfisher(model: nn.Module | Objective, criterion: Callable | None = 
     ``block_size=B``: ``F`` block-diagonal over blocks of ``B`` consecutive weights (memory ``P·B``);
     ``None``: the whole ``F`` in M-FAC's low-rank form (memory ``P·m``). The weights of least
     saliency ``w_q²/(2[F⁻¹]_qq)`` are removed jointly by the exact OBS update within each block
-    (or globally). ``model, criterion, data, **settings`` are those of :class:`~hesse.Objective`.
+    (or globally). ``vectorize=False`` loops over the samples instead of ``torch.func.vmap`` (for
+    models with data-dependent control flow, e.g. transformers' attention masks). ``model, criterion,
+    data, **settings`` are those of :class:`~hesse.Objective`.
     """
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise HesseError(f"block_size must be a positive integer or None (whole Fisher), got {block_size!r}.")
@@ -133,7 +144,7 @@ def prune_woodfisher(model: nn.Module | Objective, criterion: Callable | None = 
     restricted = objective.restrict(names)
 
     def one_round(values: Values) -> tuple[Values, Callable[[Values, Values], Values]]:
-        G = per_sample_gradients(restricted, values, fisher_samples)
+        G = per_sample_gradients(restricted, values, fisher_samples, vectorize)
         lam = damping(G, damp)
         w = restricted.flatten(values).double()
         if block_size is None:
@@ -151,7 +162,8 @@ def prune_woodfisher(model: nn.Module | Objective, criterion: Callable | None = 
         scores = restricted.unflatten((w ** 2 / (2 * inv_diag)).to(restricted.dtype))
         return scores, surgeon
 
-    record = {"block_size": block_size, "fisher_samples": fisher_samples, "damp": damp, "rounds": rounds}
+    record = {"block_size": block_size, "fisher_samples": fisher_samples, "damp": damp, "rounds": rounds,
+              "vectorize": vectorize}
     return _score_prune("woodfisher", objective, names, spec, rounds, one_round, apply, record, notes)
 
 
@@ -165,7 +177,9 @@ def prune_layerwise_obs(model: nn.Module | Objective, criterion: Callable | None
     ``H = 2XXᵀ/N + λI`` from the layer's inputs on the ``calibration`` batches (default: the
     objective's data), ``λ = damp · mean diag(2XXᵀ/N)``; columns in blocks of ``block_size``
     with lazy updates. ``sequential=True`` collects each layer's inputs with the earlier
-    layers already pruned (one calibration pass per layer); ``False``: one pass, dense inputs.
+    layers already pruned: one calibration pass per group of layers reading the same input
+    (e.g. query, key, value), each pass stopped once the group has run; ``False``: one pass,
+    dense inputs.
     A Hessian that is not positive definite is retried in float64, then with more damping
     (a :class:`~hesse.apply.pruning.layerwise.DampingWarning`, also in ``result.warnings``).
     """
@@ -178,9 +192,10 @@ def prune_layerwise_obs(model: nn.Module | Objective, criterion: Callable | None
     start = time.perf_counter()
     values = {n: p.detach() for n, p in objective.model.named_parameters()}
     masks: Values = {}
+    groups, calls = layer_groups(objective, modules, values, batches[0]) if batches else ([names], None)
     with progress_bar(total=len(names), desc="layer-wise OBS", enabled=progress, unit="layer") as bar:
-        for group in ([[n] for n in names] if sequential else [names]):
-            hessians = collect_hessians(objective, {n: modules[n] for n in group}, values, batches)
+        for group in (groups if sequential else [names]):
+            hessians = collect_hessians(objective, {n: modules[n] for n in group}, values, batches, calls)
             for name in group:
                 values[name], masks[name], note = prune_layer(
                     values[name], hessians.pop(name), name, damp=damp, block_size=block_size,
@@ -251,11 +266,11 @@ def _objective_at(objective: Objective, values: Values, names: list[str]) -> Obj
                      stochastic=objective.stochastic, check_data=objective.check_data, progress=objective.progress)
 
 
-def per_sample_gradients(objective: Objective, values: Values, count: int) -> torch.Tensor:
+def per_sample_gradients(objective: Objective, values: Values, count: int, vectorize: bool = True) -> torch.Tensor:
     """``[m, P]`` per-sample gradients at ``values`` of the first ``m ≤ count`` samples of the data."""
     rows, seen = [], 0
     for batch in objective.data:
-        rows.append(objective.per_sample_gradients(batch, at=values)[: count - seen])
+        rows.append(objective.per_sample_gradients(batch, at=values, vectorize=vectorize)[: count - seen])
         seen += rows[-1].shape[0]
         if seen >= count:
             break

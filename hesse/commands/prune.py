@@ -55,6 +55,7 @@ class PruneRequest:
     targets: list[dict[str, Any]]
     scope: str
     budget: int
+    obd_diagonal: str
     fisher_samples: int
     seed: int
     threads: int | None
@@ -104,8 +105,11 @@ def parse_targets(sparsity: str | None, nm: str | None) -> list[dict[str, Any]]:
               help="Sparsity per layer, or over all pruned tensors (layer-wise OBS is always per layer).")
 @click.option("--budget", type=click.IntRange(min=4), default=100, show_default=True,
               help="Products for OBD's diagonal estimate (XDiag).")
+@click.option("--obd-diagonal", type=click.Choice(("ggn-xdiag", "empirical-fisher")), default="ggn-xdiag",
+              show_default=True, help="OBD's curvature diagonal: the GGN's by XDiag (--budget products) or the exact "
+                                      "empirical Fisher's (--fisher-samples per-sample gradients; large models).")
 @click.option("--fisher-samples", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Per-sample gradients in WoodFisher's empirical Fisher.")
+              help="Per-sample gradients in WoodFisher's empirical Fisher (and OBD's, with --obd-diagonal empirical-fisher).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of training (examples) and probes.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [examples: 1].")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("hesse-prune-report"), show_default=True)
@@ -180,7 +184,9 @@ def _run_one(objective: Objective, method: str, target: dict[str, Any], request:
     try:
         result = {
             "magnitude": lambda: prune_magnitude(objective, **scoped),
-            "obd": lambda: prune_obd(objective, method="xdiag", budget=request.budget, seed=request.seed, **scoped),
+            "obd": lambda: prune_obd(objective, method="xdiag", budget=request.budget, seed=request.seed, **scoped)
+            if request.obd_diagonal == "ggn-xdiag" else
+            prune_obd(objective, curvature="empirical-fisher", fisher_samples=request.fisher_samples, **scoped),
             "woodfisher": lambda: prune_woodfisher(objective, fisher_samples=request.fisher_samples, **scoped),
             "layerwise": lambda: prune_layerwise_obs(objective, progress=not request.quiet and stderr_is_terminal(),
                                                      **common),

@@ -21,7 +21,8 @@ import torch
 from hesse._progress import progress_bar
 from hesse.errors import HesseError, NotConvergedWarning, check_on_interrupt, interrupted
 from hesse.linalg.checks import check_choice, check_positive, prepare_operator
-from hesse.linalg.lanczos import PATIENCE, WHICH, Lanczos, Snapshot, ThickRestart, order, precision_floor
+from hesse.linalg.lanczos import (PATIENCE, WHICH, Lanczos, Snapshot, ThickRestart, order, precision_floor,
+                                  small_eigh)
 from hesse.linalg.probes import gaussian_block
 from hesse.operators import LinearOperator
 from hesse.results import EigenResult
@@ -250,7 +251,7 @@ class _ThickRestart:
         self.start = start.to(accumulate)
         matmat = op.matmat if accumulate == op.dtype else (lambda X: op.matmat(X.to(op.dtype)).to(accumulate))
         self.lz = Lanczos(matmat, op.size, accumulate, op.device, keep_products=True,
-                          on_breakdown="random", generator=gen)
+                          on_breakdown="random", generator=gen, capacity=ncv)
         self.driver = ThickRestart(self.lz, k, which, tol, max_matvecs, b, ncv, op.dtype)
 
     def run(self, bar) -> None:
@@ -367,7 +368,7 @@ class _Power:
             self._keep_current()  # keep the vector being iterated
         op, U, AU = self.op, self.U, self.AU
         H = (U.T @ AU).to(torch.float64).cpu()
-        theta, S = (t.numpy() for t in torch.linalg.eigh((H + H.T) / 2))
+        theta, S = small_eigh(((H + H.T) / 2).numpy())
         idx = order(theta, self.which)
         theta, S = theta[idx], torch.from_numpy(np.ascontiguousarray(S[:, idx])).to(op.dtype).to(op.device)
         vectors, products = U @ S, AU @ S

@@ -58,6 +58,25 @@ def _numpy(x: torch.Tensor) -> np.ndarray:
     return x.detach().to(torch.float64).cpu().numpy()
 
 
+def small_eigh(H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors of a small symmetric matrix, on one thread.
+
+    For a projected matrix of a few dozen to a few hundred rows a multi-threaded LAPACK
+    call costs thread wake-ups and barriers, not arithmetic: on a busy 2-core machine
+    ``numpy.linalg.eigh`` (OpenBLAS threads) or torch with 2 threads took 10-300x longer
+    than torch on one thread (n = 36-200).
+    """
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        theta, S = torch.linalg.eigh(torch.from_numpy(np.array(H, dtype=np.float64)))
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+    return theta.numpy(), S.numpy()
+
+
 class Lanczos:
     """``K`` Lanczos recurrences (basis ``V``, optional products ``W = A V``, ``H = V^T A V``).
 
@@ -65,22 +84,27 @@ class Lanczos:
     (default: one recurrence on all rows). ``on_breakdown``: when a new direction lies in
     the span (an invariant subspace was found) replace it by a random one (``"random"``,
     for eigenvalues) or end that recurrence (``"stop"``). ``window``: keep only the last
-    ``window`` basis vectors (no full reorthogonalisation). State is replaced atomically,
-    so it is consistent whenever Ctrl-C arrives.
+    ``window`` basis vectors (no full reorthogonalisation). ``capacity``: the most basis
+    columns expected (storage is reserved for them; without it, it doubles when full), so
+    each step writes its new columns instead of copying the whole basis. State is replaced
+    atomically, so it is consistent whenever Ctrl-C arrives.
     """
 
     def __init__(
         self, matmat: Callable[[torch.Tensor], torch.Tensor], size: int, dtype: torch.dtype,
         device: torch.device | str, *, segments: list[slice] | None = None, keep_products: bool = False,
         window: int | None = None, on_breakdown: str = "stop", generator: torch.Generator | None = None,
+        capacity: int = 8,
     ):
         self.matmat, self.dtype, self.device = matmat, dtype, device
         self.segments = segments if segments is not None else [slice(0, size)]
         self.window, self.on_breakdown = window, on_breakdown
         self.gen = generator if generator is not None else torch.Generator().manual_seed(0)
         K = len(self.segments)
-        self.V = torch.zeros(size, 0, dtype=dtype, device=device)
-        self.W = torch.zeros_like(self.V) if keep_products else None
+        self._stores = [torch.empty(size, capacity, dtype=dtype, device=device)
+                        for _ in range(2 if keep_products else 1)]  # V and W live in their first columns
+        self.V = self._stores[0][:, :0]
+        self.W = self._stores[1][:, :0] if keep_products else None
         self.AQ: torch.Tensor | None = None  # products of the newest block: the next Krylov direction
         self.H = np.zeros((K, 0, 0))
         self.lengths = np.zeros(K, dtype=int)  # columns in each recurrence's basis
@@ -145,9 +169,12 @@ class Lanczos:
             cross, diag = _numpy(self.V[s].T @ AQ[s]), _numpy(Q[s].T @ AQ[s])
             H[k, m - kept:m, m:], H[k, m:, m - kept:m] = cross, cross.T
             H[k, m:, m:] = (diag + diag.T) / 2
-        V, W = torch.cat([self.V, Q], 1), None if self.W is None else torch.cat([self.W, AQ], 1)
         if self.window is not None:
-            V = V[:, -self.window:]
+            V, W = torch.cat([self.V, Q], 1)[:, -self.window:], None if self.W is None else torch.cat([self.W, AQ], 1)
+        else:
+            self._stores = [_write_after(store, kept, X) for store, X in zip(self._stores, (Q, AQ))]
+            V, W = (store[:, :kept + c] for store in self._stores) if self.W is not None \
+                else (self._stores[0][:, :kept + c], None)
         lengths = self.lengths + c * self.active
         # assign together so an interrupt never leaves V, W, H inconsistent
         self.V, self.W, self.H, self.AQ, self.lengths = V, W, H, AQ, lengths
@@ -158,7 +185,7 @@ class Lanczos:
     def ritz(self, which: str, k: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Ritz values of recurrence ``k``, most wanted first, and their vectors in the basis."""
         L = self.lengths[k]
-        theta, S = np.linalg.eigh(self.H[k, :L, :L])
+        theta, S = small_eigh(self.H[k, :L, :L])
         idx = order(theta, which)
         return theta[idx], S[:, idx]
 
@@ -175,6 +202,19 @@ class Lanczos:
         S = torch.from_numpy(np.ascontiguousarray(S_keep)).to(self.dtype).to(self.device)
         H = np.diag(theta_keep)[None]
         self.V, self.W, self.H, self.lengths = self.V @ S, self.W @ S, H, np.array([len(theta_keep)])
+        self._stores = [t for t in (self.V, self.W) if t is not None]
+
+
+def _write_after(store: torch.Tensor, used: int, X: torch.Tensor) -> torch.Tensor:
+    """``store`` with ``X`` written into the columns after its first ``used`` (which stay as
+    they are); a store twice as large when it is full."""
+    need = used + X.shape[1]
+    if need > store.shape[1]:
+        grown = store.new_empty(store.shape[0], max(need, 2 * store.shape[1]))
+        grown[:, :used] = store[:, :used]
+        store = grown
+    store[:, used:need] = X
+    return store
 
 
 def order(theta: np.ndarray, which: str) -> np.ndarray:
@@ -352,6 +392,6 @@ def gauss_quadrature(lz: Lanczos, width: int) -> tuple[np.ndarray, np.ndarray]:
     for k in range(K):
         L = lz.lengths[k]
         if L:
-            theta, U = np.linalg.eigh(lz.H[k, :L, :L])
+            theta, U = small_eigh(lz.H[k, :L, :L])
             nodes[k, :L], weights[k, :L] = theta, U[0] ** 2
     return nodes, weights

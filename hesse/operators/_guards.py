@@ -3,11 +3,13 @@
 * :func:`check_model_mode`: BatchNorm in train mode and active ``nn.Dropout`` layers are
   refused up front, with the fix (the common cases, named clearly).
 * :func:`check_first_batch`: once per objective and per train/eval configuration of the
-  model, the first batch runs twice without gradients. A buffer that a forward pass writes
-  (running statistics of any normalisation layer in train mode, counters) is put back and
-  refused; outputs that differ between the two runs (dropout inside ``nn.LSTM``,
-  functional ``F.dropout``, any sampling) are refused unless ``stochastic=True``. The
-  message names the first module whose buffer or output changed.
+  model, the first batch runs twice without gradients (once when ``stochastic=True``, not
+  at all then for a model without buffers). A buffer that a forward pass writes (running
+  statistics of any normalisation layer in train mode, counters) is put back and refused;
+  outputs that differ between the two runs (dropout inside ``nn.LSTM``, functional
+  ``F.dropout``, any sampling) are refused unless ``stochastic=True``. Only the model's
+  output is compared (exactly, no copies); when it differs, two more runs with a hook on
+  every module find the first module whose output changed, for the message.
 * :func:`check_criterion_shapes`: element-wise criteria whose output and target shapes
   differ (and would silently broadcast, e.g. ``[N, 1]`` against ``[N]`` to ``[N, N]``).
 """
@@ -79,11 +81,14 @@ def _recorded_forward(model: nn.Module, run: Callable[[], Any]) -> list[tuple[st
 
 
 def check_first_batch(model: nn.Module, run: Callable[[], Any], stochastic: bool) -> None:
-    """Run the first batch twice; refuse buffer writes and (unless ``stochastic``) randomness."""
+    """Run the first batch (up to) twice; refuse buffer writes and (unless ``stochastic``) randomness."""
     buffers = dict(model.named_buffers())
+    if stochastic and not buffers:
+        return
     versions = {n: b._version for n, b in buffers.items()}
     saved = {n: b.detach().clone() for n, b in buffers.items()}
-    first = _recorded_forward(model, run)
+    with torch.no_grad():
+        first = run()
     written = [n for n, b in buffers.items() if b._version != versions[n]]
     if written:
         with torch.no_grad():
@@ -98,18 +103,40 @@ def check_first_batch(model: nn.Module, run: Callable[[], Any], stochastic: bool
         )
     if stochastic:
         return
-    second = _recorded_forward(model, run)
-    for (name, a), (_, b) in zip(first, second):
-        if a != b and not (a != a and b != b):  # NaN equals NaN here
-            module = model.get_submodule(name) if name else model
-            raise HesseError(
-                f"the model is random: module '{name or '(the model)'}' ({type(module).__name__}) gave "
-                "different outputs for the same batch (dropout in train mode, e.g. nn.LSTM(dropout=...) "
-                "or F.dropout(training=True), or sampling). Call model.eval(), or pass stochastic=True "
-                "to accept a random operator."
-            )
+    with torch.no_grad():
+        second = run()
+    if not _same(first, second):
+        _refuse_randomness(model, run)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Exactly equal outputs (tensors anywhere in them; NaN equals NaN here)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        return torch.equal(a, b) or bool(((a == b) | (a.isnan() & b.isnan())).all()) \
+            if a.is_floating_point() or a.is_complex() else torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b)
+
+
+def _refuse_randomness(model: nn.Module, run: Callable[[], Any]) -> None:
+    """Name the first module whose output differs between two runs, and refuse the model."""
+    first, second = _recorded_forward(model, run), _recorded_forward(model, run)
     if len(first) != len(second):
         raise HesseError("the model ran different modules on the same batch twice; it is random or stateful.")
+    changed = [name for (name, a), (_, b) in zip(first, second) if a != b and not (a != a and b != b)]
+    name = changed[0] if changed else ""
+    module = model.get_submodule(name) if name else model
+    raise HesseError(
+        f"the model is random: module '{name or '(the model)'}' ({type(module).__name__}) gave "
+        "different outputs for the same batch (dropout in train mode, e.g. nn.LSTM(dropout=...) "
+        "or F.dropout(training=True), or sampling). Call model.eval(), or pass stochastic=True "
+        "to accept a random operator."
+    )
 
 
 def warn_if_threads_contend() -> None:

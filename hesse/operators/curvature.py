@@ -32,10 +32,12 @@ class CurvatureOperator(LinearOperator):
     Build it from an objective, ``Hessian(objective)``, or from the objective's arguments,
     ``Hessian(model, criterion, data, params=..., forward=..., ...)`` (see :class:`Objective`).
     Products use the current parameter values (read at call time) and never modify the
-    model, its mode, its ``requires_grad`` flags or its ``.grad``.
+    model, its mode, its ``requires_grad`` flags or its ``.grad``. ``max_columns``: the most
+    columns one batch multiplies at once (a product of more columns is still one data pass).
     """
 
     symmetric_by_construction = True
+    max_columns = 32
 
     def __init__(
         self,
@@ -164,15 +166,23 @@ class CurvatureOperator(LinearOperator):
         raise NotImplementedError
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """One data pass for all K columns; each batch multiplies them in chunks of at most
+        ``max_columns`` (the batched backward's memory grows with K, and past about 32
+        columns its cost per column grows too: 150 ms at K <= 32 against 200 ms at K = 220
+        on a small ResNet)."""
         K = V.shape[1]
         vectors = self.objective.unflatten(V)
         names = self.objective.param_names
+        chunks = [slice(lo, min(lo + self.max_columns, K)) for lo in range(0, K, self.max_columns)]
 
         def per_batch(batch: Batch, index: int) -> torch.Tensor:
             params = self.objective.values()
-            with torch.enable_grad():
-                products = self._batch_products(params, batch, vectors, index)
-            return torch.cat([products[n].reshape(K, -1) for n in names], dim=1).T
+            rows = []
+            for c in chunks:
+                with torch.enable_grad():
+                    products = self._batch_products(params, batch, {n: v[c] for n, v in vectors.items()}, index)
+                rows.append(torch.cat([products[n].reshape(c.stop - c.start, -1) for n in names], dim=1))
+            return torch.cat(rows).T
 
         return self.objective.weighted_pass(per_batch, desc=f"{type(self).__name__} @ {K} vectors").detach()
 

@@ -161,7 +161,7 @@ def batch_checksum(batch: Batch, device: torch.device) -> torch.Tensor:
         x = stack.pop()
         if isinstance(x, torch.Tensor):
             if x.numel():
-                total = total + x.detach().to(device=device, dtype=torch.float64).sum()
+                total = total + x.detach().sum(dtype=torch.float64).to(device)
         elif isinstance(x, Mapping):
             stack.extend(x.values())
         elif isinstance(x, (tuple, list)):

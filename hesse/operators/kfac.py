@@ -429,6 +429,12 @@ class KFAC(CurvatureOperator):
         self._blocks = blocks + self._exact_blocks()
         return self
 
+    def kronecker_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{layer key: (A, S)}`` from one weighted pass over the data, without the
+        eigendecompositions of :meth:`refresh` (for callers that average factors over steps,
+        such as :class:`hesse.apply.optim.KFACOptimizer`)."""
+        return dict(zip((layer.key for layer in self.layers), self._factor_pass()))
+
     def _factor_pass(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(A, S)`` per layer from one weighted pass over the data."""
         shapes = [((l.d,) if l.kind == "embedding" else (l.d + l.bias,) * 2, (1,), (l.m, l.m)) for l in self.layers]

@@ -324,23 +324,23 @@ class Objective:
         count = 0
         checksum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._cache.start_pass()
-        for index, batch in enumerate(self._batches(desc)):
-            batch = to_device(batch, self.device)
-            self._cache.add(batch)
-            n = int(self.count_samples(batch))
-            if n <= 0:
-                raise HesseError("a batch has no samples (or all its targets are ignore_index); drop such batches from the data.")
-            weight = float(n) if self.reduction == "mean" else 1.0
-            with sdpa_kernel(SDPBackend.MATH):  # fused attention has no forward-mode or second derivatives
+        with sdpa_kernel(SDPBackend.MATH):  # fused attention has no forward-mode or second derivatives
+            for index, batch in enumerate(self._batches(desc)):
+                batch = to_device(batch, self.device)
+                self._cache.add(batch)
+                n = int(self.count_samples(batch))
+                if n <= 0:
+                    raise HesseError("a batch has no samples (or all its targets are ignore_index); drop such "
+                                     "batches from the data.")
                 if index == 0 and self._checked_modes != mode_signature(self.model):
                     warn_if_threads_contend()
                     check_first_batch(self.model, lambda: self.call_model(self.values(), batch), self.stochastic)
                     self._checked_modes = mode_signature(self.model)
-                value = per_batch(batch, index, weight)
-            total = value if total is None else total + value
-            count += n
-            if self.check_data:
-                checksum += batch_checksum(batch, self.device)
+                value = per_batch(batch, index, float(n) if self.reduction == "mean" else 1.0)
+                total = value if total is None else total + value
+                count += n
+                if self.check_data:
+                    checksum += batch_checksum(batch, self.device)
         assert total is not None  # DataSource refuses empty data
         stats = torch.stack([checksum.new_tensor(float(count)), checksum])
         all_reduce_sum(total)

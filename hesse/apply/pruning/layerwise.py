@@ -63,25 +63,64 @@ def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+class _Collected(Exception):
+    """Raised by a forward hook to end a calibration forward once the layers of interest have run."""
+
+
+def layer_groups(objective: Objective, modules: Mapping[str, nn.Module], values: Mapping[str, torch.Tensor],
+                 batch: object) -> tuple[list[list[str]], dict[str, int]]:
+    """Groups of consecutive layers (in ``modules`` order) that read the same input tensor (e.g. the
+    query, key and value projections of an attention layer), and how often each layer runs per
+    forward, from one forward of ``batch``. Pruning one layer of a group leaves the inputs of the
+    others unchanged, so a group's Hessians can be collected in one sequential pass."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    handles = [module.register_forward_hook(lambda _m, inputs, _o, name=name: seen[name].append(inputs[0]))
+               for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            objective.call_model(values, to_device(batch, objective.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    for name in modules:  # the tensors are held in ``seen``, so ``is`` cannot match a reused id
+        first = seen[groups[-1][0]] if groups else []
+        if seen[name] and len(seen[name]) == len(first) and all(a is b for a, b in zip(seen[name], first)):
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups, {name: len(calls) for name, calls in seen.items()}
+
+
 def collect_hessians(objective: Objective, modules: Mapping[str, nn.Module], values: Mapping[str, torch.Tensor],
-                     batches: Iterable) -> dict[str, torch.Tensor]:
+                     batches: Iterable, calls: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """``2 X Xᵀ / N`` (float64, undamped) of each module's inputs over ``batches``, with the
-    model run at parameter ``values`` (forward hooks, removed afterwards)."""
+    model run at parameter ``values`` (forward hooks, removed afterwards). With ``calls`` (runs of
+    each module per forward, from :func:`layer_groups`), each forward stops once every module
+    has run that often: the rest of the model is not computed."""
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(modules, 0)
+    runs = dict.fromkeys(modules, 0)
 
     def hook_for(name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, _output) -> None:
             X = layer_inputs(module, inputs[0].detach()).double()
             sums[name] = sums[name] + X.T @ X if name in sums else X.T @ X
             counts[name] += X.shape[0]
+            runs[name] += 1
+            if calls is not None and all(runs[n] >= calls[n] for n in modules):
+                raise _Collected
         return hook
 
     handles = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
     try:
         with torch.no_grad():
             for batch in batches:
-                objective.call_model(values, to_device(batch, objective.device))
+                runs.update(dict.fromkeys(modules, 0))
+                try:
+                    objective.call_model(values, to_device(batch, objective.device))
+                except _Collected:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
