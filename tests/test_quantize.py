@@ -170,3 +170,18 @@ def test_traces_without_top_eigenvalues_match_per_layer_and_refuse_qbert():
     assert rows[0]["top_eigenvalue"] is None and rows[0]["omega_qbert"] is None and rows[0]["omega"]["2"] > 0
     with pytest.raises(HesseError, match="top_eigenvalues=True"):
         fast.omega("qbert")
+
+
+def test_minilm_example_text_pairs_are_unique_and_the_splits_disjoint():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "quantize_minilm.py"
+    spec = importlib.util.spec_from_file_location("quantize_minilm", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    pairs = example.docstring_pairs()
+    assert len(pairs) >= 500 and len({a for a, _ in pairs}) == len({b for _, b in pairs}) == len(pairs)
+    evaluation, calibration = example.split(pairs, seed=1)
+    assert evaluation == example.split(pairs, seed=2)[0] and calibration != example.split(pairs, seed=2)[1]
+    assert len(evaluation) == example.EVAL_PAIRS and not set(evaluation) & set(calibration)

@@ -123,7 +123,7 @@ def sensitivities(model: torch.nn.Module | Objective, criterion: Any = None, dat
                   rtol: float = 0.02, trace_probes: int = 300, max_steps: int = 60, tol: float = 1e-3,
                   seed: int = 0, hessian_method: str = "auto", progress: bool | None = None,
                   top_eigenvalues: bool = True, **settings: Any) -> Sensitivity:
-    """Traces (``rtol``, at most ``trace_probes`` products), top eigenvalues (Lanczos to ``tol``,
+    """Traces (``rtol``, at most ``trace_probes`` columns per block), top eigenvalues (Lanczos to ``tol``,
     at most ``max_steps``) and quantization errors of every quantizable layer, for ``bits``.
 
     ``model, criterion, data, **settings`` are those of :class:`~hesse.Objective` (or pass one);
