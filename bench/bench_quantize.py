@@ -5,7 +5,9 @@ traces, allocations and evaluations) and report the load average of the machine.
 
 Goal: under 2 minutes on 2 cores. Prints one markdown row: wall time, the CPU time of the run
 (user + system, all threads: on a shared machine it tells the work apart from the waiting),
-the curvature products and the 1-minute load average before and after.
+the curvature products and the 1-minute load average before and after. On a busy machine
+compare ``--threads 1`` (the default of ``hesse quantize --example``): with two threads every
+small op of the digits CNN waits for a second core that other jobs hold.
 """
 
 from __future__ import annotations

@@ -157,3 +157,31 @@ def test_evaluation_uses_a_copy_and_never_touches_the_model(tmp_path):
     config = export_config(sens, allocation, tmp_path / "q.json")
     assert json.loads((tmp_path / "q.json").read_text()) == config
     assert [r["bits"] for r in config["layers"]] == allocation.bits and config["layers"][1]["rows"] == [0, 8]
+
+
+def test_traces_without_top_eigenvalues_match_per_layer_and_refuse_qbert():
+    model, data = attention_problem()
+    full = sensitivities(model, nn.CrossEntropyLoss(), data, bits=(2, 4), rtol=0.01, trace_probes=400)
+    fast = sensitivities(model, nn.CrossEntropyLoss(), data, bits=(2, 4), rtol=0.01, trace_probes=400,
+                         top_eigenvalues=False)
+    assert fast.trace == pytest.approx(full.trace, rel=0.05) and np.isnan(fast.top_eigenvalue).all()
+    assert fast.result.matvecs < full.result.matvecs and fast.omega() == pytest.approx(full.omega(), rel=0.1)
+    rows = fast.rows()
+    assert rows[0]["top_eigenvalue"] is None and rows[0]["omega_qbert"] is None and rows[0]["omega"]["2"] > 0
+    with pytest.raises(HesseError, match="top_eigenvalues=True"):
+        fast.omega("qbert")
+
+
+def test_minilm_example_text_pairs_are_unique_and_the_splits_disjoint():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "quantize_minilm.py"
+    spec = importlib.util.spec_from_file_location("quantize_minilm", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    pairs = example.docstring_pairs()
+    assert len(pairs) >= 500 and len({a for a, _ in pairs}) == len({b for _, b in pairs}) == len(pairs)
+    evaluation, calibration = example.split(pairs, seed=1)
+    assert evaluation == example.split(pairs, seed=2)[0] and calibration != example.split(pairs, seed=2)[1]
+    assert len(evaluation) == example.EVAL_PAIRS and not set(evaluation) & set(calibration)

@@ -48,3 +48,25 @@ def test_errors_are_one_line_with_exit_status_2_and_write_nothing(tmp_path, args
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.output
     assert not out.exists()
+
+
+def test_example_training_runs_on_one_thread_and_restores_the_callers_count():
+    """The built-in example trains on one intra-op thread (``bench_quantize.py``'s 2-minute goal:
+    two threads spin-wait through its tiny SGD steps on a busy machine), whatever the caller set,
+    so the trained weights do not depend on ``--threads``."""
+    import torch
+
+    from hesse.examples import DigitsCNN, load_dataset, train_classifier
+
+    data, seen, weights = load_dataset("digits"), [], []
+    before = torch.get_num_threads()
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        model = DigitsCNN()
+        model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+        train_classifier(model, data, epochs=1, lr=0.1, batch_size=32, seed=0)
+        assert torch.get_num_threads() == threads
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.set_num_threads(before)
+    assert set(seen) == {1} and torch.equal(weights[0], weights[1])

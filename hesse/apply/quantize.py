@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,17 +38,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from hesse._progress import progress_bar
 from hesse.analysis.spectrum import PerLayerResult, per_layer
 from hesse.apply.quantization.allocation import Allocation, allocate_bits, fraction_limit
 from hesse.apply.quantization.fake import perturbation, quantize_weight, quantized_copy, quantized_weights
 from hesse.apply.quantization.layers import QuantLayer, find_layers, layer_costs, measure_macs
-from hesse.errors import HesseError
+from hesse.errors import HesseError, NotConvergedWarning
+from hesse.linalg.block_estimators import BlockTraces
+from hesse.linalg.checks import check_positive
 from hesse.operators import GGN, BlockDiagonalOperator, Hessian, Objective, as_objective
 from hesse.operators.objective import Evaluation
 
 __all__ = [
     "Allocation", "QuantLayer", "Sensitivity", "allocate_bits", "evaluate_bits", "export_config", "find_layers",
-    "fraction_limit", "quantize_weight", "quantized_copy", "quantized_weights", "random_allocation",
+    "fraction_limit", "layer_traces", "quantize_weight", "quantized_copy", "quantized_weights", "random_allocation",
     "reversed_allocation", "sensitivities",
 ]
 MEASURES = ("hawq-v2", "qbert")
@@ -101,14 +105,16 @@ class Sensitivity:
 
     def rows(self) -> list[dict[str, Any]]:
         """One JSON-ready dict per layer: name, kind, size, trace ± stderr, flags, Ω per bit width."""
-        omega, qbert = self.omega("hawq-v2"), self.omega("qbert")
+        omega = self.omega("hawq-v2")
+        qbert = None if np.isnan(self.top_eigenvalue).any() else self.omega("qbert")
         return [{"layer": q.name, "param": q.param, "kind": q.kind, "numel": q.numel, "macs": q.macs,
                  "trace": float(self.trace[i]), "trace_stderr": float(self.trace_stderr[i]),
                  "trace_per_parameter": float(self.trace_per_parameter[i]),
-                 "top_eigenvalue": float(self.top_eigenvalue[i]), "negative": bool(self.negative[i]),
+                 "top_eigenvalue": None if qbert is None else float(self.top_eigenvalue[i]),
+                 "negative": bool(self.negative[i]),
                  "significant": bool(self.significant[i]),
                  "omega": {str(b): float(omega[i, j]) for j, b in enumerate(self.bits)},
-                 "omega_qbert": {str(b): float(qbert[i, j]) for j, b in enumerate(self.bits)}}
+                 "omega_qbert": None if qbert is None else {str(b): float(v) for b, v in zip(self.bits, qbert[i])}}
                 for i, q in enumerate(self.layers)]
 
 
@@ -116,14 +122,17 @@ def sensitivities(model: torch.nn.Module | Objective, criterion: Any = None, dat
                   bits: Sequence[int] = (2, 4, 8), curvature: str = "hessian", layers: Iterable[str] | None = None,
                   rtol: float = 0.02, trace_probes: int = 300, max_steps: int = 60, tol: float = 1e-3,
                   seed: int = 0, hessian_method: str = "auto", progress: bool | None = None,
-                  **settings: Any) -> Sensitivity:
-    """Traces (``rtol``, at most ``trace_probes`` products), top eigenvalues (Lanczos to ``tol``,
+                  top_eigenvalues: bool = True, **settings: Any) -> Sensitivity:
+    """Traces (``rtol``, at most ``trace_probes`` columns per block), top eigenvalues (Lanczos to ``tol``,
     at most ``max_steps``) and quantization errors of every quantizable layer, for ``bits``.
 
     ``model, criterion, data, **settings`` are those of :class:`~hesse.Objective` (or pass one);
     ``layers``: globs on layer or parameter names (default: every quantizable layer among the
     objective's parameters); ``curvature``: ``"hessian"`` (HAWQ-V2) or ``"ggn"`` (PSD). All
     blocks share each product of the block-diagonal view, one data pass per product.
+    ``top_eigenvalues=False`` skips the per-layer Lanczos (HAWQ-V2's ``Ω`` needs only traces;
+    each Lanczos step multiplies every block, as costly as one trace probe per block): the
+    top eigenvalues are NaN and the ``"qbert"`` measure is refused.
     """
     if curvature not in ("hessian", "ggn"):
         raise HesseError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}.")
@@ -134,13 +143,43 @@ def sensitivities(model: torch.nn.Module | Objective, criterion: Any = None, dat
     restricted = objective.restrict(list(dict.fromkeys(q.param for q in found)))
     op = Hessian(restricted, method=hessian_method) if curvature == "hessian" else GGN(restricted)
     view = BlockDiagonalOperator(op, _layer_slices(restricted, found))
-    result = per_layer(view, rtol=rtol, trace_probes=trace_probes, tol=tol, max_steps=max_steps, seed=seed,
-                       progress=progress)
+    if top_eigenvalues:
+        result = per_layer(view, rtol=rtol, trace_probes=trace_probes, tol=tol, max_steps=max_steps, seed=seed,
+                           progress=progress)
+    else:
+        result = layer_traces(view, rtol=rtol, trace_probes=trace_probes, seed=seed, progress=progress)
+    if np.isnan(list(result.trace.values())).any():
+        raise HesseError(f"some layer traces got no probe within trace_probes={trace_probes}; raise trace_probes.")
     weights = {q.name: objective.model.get_parameter(q.param).detach()[q.rows] for q in found}
     errors = np.array([[perturbation(weights[q.name], b) for b in bits] for q in found])
     column = lambda values: np.array([values[q.name] for q in found], dtype=float)  # noqa: E731
     return Sensitivity(found, bits, column(result.trace), column(result.trace_stderr),
                        column(result.top_eigenvalue), errors, curvature, result)
+
+
+def layer_traces(view: BlockDiagonalOperator, *, rtol: float, trace_probes: int, seed: int = 0,
+                 progress: bool | None = None) -> PerLayerResult:
+    """The traces of :func:`hesse.analysis.spectrum.per_layer` alone (same estimator,
+    :class:`~hesse.linalg.block_estimators.BlockTraces`, same ``rtol`` and ``trace_probes``
+    columns per block); top eigenvalues NaN (unconverged); ``matvecs``: products of the whole
+    operator."""
+    check_positive("rtol", rtol)
+    if trace_probes < 2:
+        raise HesseError("trace_probes must be at least 2 to report a stderr.")
+    names, start = list(view.blocks), view.parent_products
+    traces = BlockTraces(view, rtol, trace_probes, torch.Generator().manual_seed(seed))
+    with progress_bar(total=trace_probes, desc="layer traces", enabled=progress, unit="pass") as bar:
+        traces.run(bar.update)
+    found, products = traces.results(), view.parent_products - start
+    result = PerLayerResult(names, {n: s.stop - s.start for n, s in view.blocks.items()},
+                            dict.fromkeys(names, math.nan), dict.fromkeys(names, False),
+                            {n: t.estimate for n, t in found.items()}, {n: t.stderr for n, t in found.items()},
+                            {n: t.method for n, t in found.items()}, rtol, products, products)
+    loose = [n for n, ok in result.rtol_met.items() if not ok]
+    if loose:
+        warnings.warn(f"layer_traces: traces of {loose} did not reach rtol={rtol:g} within trace_probes="
+                      f"{trace_probes} columns per block; raise trace_probes.", NotConvergedWarning, stacklevel=2)
+    return result
 
 
 def _check_bits(bits: Sequence[int]) -> tuple[int, ...]:
@@ -190,6 +229,8 @@ def _scale(sens: Sensitivity, measure: str) -> np.ndarray:
     """The per-layer factor of ``Ω`` (trace per parameter or top eigenvalue, at least 0)."""
     if measure not in MEASURES:
         raise HesseError(f"measure must be one of {MEASURES}, got {measure!r}.")
+    if measure == "qbert" and np.isnan(sens.top_eigenvalue).any():
+        raise HesseError("the qbert measure needs the top eigenvalues: sensitivities(..., top_eigenvalues=True).")
     return sens.trace_per_parameter if measure == "hawq-v2" else np.maximum(sens.top_eigenvalue, 0.0)
 
 
