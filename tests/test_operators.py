@@ -226,6 +226,24 @@ def test_matmat_equals_columns(cnn_problem):
         assert rel_err(op @ V, columns) < 1e-12
 
 
+def test_wide_products_are_chunked_by_measurement_and_equal_the_columns(mlp_problem):
+    """A product of 40 columns: the first batch times chunks of 4, 8 and 16 columns, keeps the
+    fastest per column as ``max_columns`` for the rest; the stitched result equals the columns."""
+    model, crit, X, y, batches = mlp_problem
+    H = hesse.Hessian(model, crit, batches)
+    V = torch.randn(H.shape[0], 40, dtype=torch.float64)
+    HV = H @ V
+    assert set(H.chunk_calibration) == {4, 8, 16} and H.max_columns in (4, 8, 16)
+    fixed = hesse.Hessian(model, crit, batches)
+    fixed.max_columns = 3  # a user's fixed chunk: no measurement
+    assert rel_err(fixed @ V, HV) < 1e-12 and fixed.chunk_calibration is None
+    columns = torch.stack([H @ V[:, k] for k in (0, 13, 39)], dim=1)
+    assert rel_err(HV[:, [0, 13, 39]], columns) < 1e-12
+    narrow = hesse.GGN(model, crit, batches)
+    narrow @ V[:, :11]  # fewer than 4 + 8 columns: nothing to compare, no measurement
+    assert narrow.chunk_calibration is None and narrow.max_columns is None
+
+
 def test_loop_fallback_equals_vmap(mlp_problem):
     model, crit, X, y, batches = mlp_problem
     V = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=torch.float64)
