@@ -188,7 +188,7 @@ class CurvatureOperator(LinearOperator):
         def per_batch(batch: Batch, index: int) -> torch.Tensor:
             params = self.objective.values()
             rows, start = [], 0
-            if self.max_columns is None and K >= CHUNK_TRIALS[0] + CHUNK_TRIALS[1]:
+            if self.max_columns is None and K >= 2 * CHUNK_TRIALS[0] + CHUNK_TRIALS[1]:
                 rows, start = self._time_chunks(lambda c: multiply(batch, index, params, c), K)
             width = self.max_columns or UNTIMED_COLUMNS
             rows += [multiply(batch, index, params, slice(lo, min(lo + width, K))) for lo in range(start, K, width)]
@@ -198,9 +198,10 @@ class CurvatureOperator(LinearOperator):
 
     def _time_chunks(self, multiply: Callable[[slice], torch.Tensor], K: int) -> tuple[list[torch.Tensor], int]:
         """Multiply the first columns in chunks of ``CHUNK_TRIALS`` sizes (real work, nothing
-        wasted), time each, and keep the size with the least time per column as
-        ``max_columns``. Returns the rows done and the next column."""
-        rows, start, cost = [], 0, {}
+        wasted; an untimed first chunk takes torch's one-time start-up of the batched backward),
+        time each, and keep the size with the least time per column as ``max_columns``.
+        Returns the rows done and the next column."""
+        rows, start, cost = [multiply(slice(0, CHUNK_TRIALS[0]))], CHUNK_TRIALS[0], {}  # untimed: one-time start-up
         for width in CHUNK_TRIALS:
             if start + width > K:
                 break
