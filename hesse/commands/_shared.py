@@ -11,9 +11,10 @@ from typing import Any
 import click
 import torch
 
-from hesse.cli import EXIT_INTERRUPTED, EXIT_USAGE, build_problem
+from hesse.cli import EXIT_INTERRUPTED, EXIT_USAGE, LOSSES, build_problem, first_samples, one_hot_targets
 from hesse.errors import HesseError
-from hesse.examples import EXAMPLES, Problem
+from hesse.examples import EXAMPLES, Dataset, Problem
+from hesse.operators.data import default_forward
 from hesse.report.folder import check_output_folder
 
 
@@ -65,3 +66,15 @@ def load_problem(request: Any) -> Problem:
     torch.set_num_threads(request.threads or (1 if request.example else torch.get_num_threads()))
     return build_problem(request.example, request.model_spec, request.checkpoint, request.hf_model,
                          request.data_spec, request.seed, request.quiet)
+
+
+def problem_data(problem: Problem, loss: str, batch_size: int, max_samples: int | None) -> Any:
+    """Put ``--loss`` on the problem (its criterion; one-hot targets for ``mse``) and return its
+    data: the first ``--max-samples`` samples, a built-in dataset in batches of ``--batch-size``."""
+    if problem.criterion is None or loss != "cross_entropy":
+        problem.criterion = LOSSES[loss]()
+    if loss == "mse":
+        problem.forward = one_hot_targets(problem.forward or default_forward)
+    if isinstance(problem.data, Dataset):
+        return problem.data.loader(batch_size, max_samples)
+    return problem.data if max_samples is None else first_samples(problem.data, max_samples)

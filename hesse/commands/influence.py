@@ -28,15 +28,11 @@ import click
 import torch
 
 from hesse.apply.influence import CURVATURES, METHODS, _take_range, pairwise, preconditioner, self_influence
-from hesse.cli import (
-    LOSSES, CliError, FiniteFloatRange, describe,
-    first_samples, one_hot_targets,
-)
-from hesse.commands._shared import load_problem, model_and_data_options, one_line_errors, stage
+from hesse.cli import LOSSES, CliError, FiniteFloatRange, describe
+from hesse.commands._shared import load_problem, model_and_data_options, one_line_errors, problem_data, stage
 from hesse.errors import HesseError
-from hesse.examples import Dataset
 from hesse.operators import Objective
-from hesse.operators.data import DataSource, default_forward, default_num_samples
+from hesse.operators.data import DataSource, default_num_samples
 from hesse.report.document import SCHEMA
 from hesse.report.folder import INDEX_HTML, REPORT_JSON, write_report_folder
 
@@ -140,15 +136,7 @@ def _influence(request: InfluenceRequest) -> None:
 
 def _objective(problem: Any, request: InfluenceRequest) -> tuple[Objective, list[Any]]:
     """The training objective on the (first ``--max-samples``) data, and its samples one by one."""
-    if problem.criterion is None or request.loss != "cross_entropy":
-        problem.criterion = LOSSES[request.loss]()
-    if request.loss == "mse":
-        problem.forward = one_hot_targets(problem.forward or default_forward)
-    data = problem.data
-    if isinstance(data, Dataset):
-        data = data.loader(request.batch_size, request.max_samples)
-    elif request.max_samples is not None:
-        data = first_samples(data, request.max_samples)
+    data = problem_data(problem, request.loss, request.batch_size, request.max_samples)
     params = list(request.param_globs) or problem.params
     try:
         objective = Objective(problem.model, problem.criterion, data, forward=problem.forward, params=params)

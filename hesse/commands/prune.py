@@ -23,15 +23,10 @@ import click
 import torch
 
 from hesse.apply import prune_layerwise_obs, prune_magnitude, prune_obd, prune_woodfisher
-from hesse.cli import (
-    LOSSES, CliError, describe, first_samples,
-    one_hot_targets, stderr_is_terminal,
-)
-from hesse.commands._shared import load_problem, model_and_data_options, one_line_errors, stage
+from hesse.cli import LOSSES, CliError, describe, stderr_is_terminal
+from hesse.commands._shared import load_problem, model_and_data_options, one_line_errors, problem_data, stage
 from hesse.errors import HesseError
-from hesse.examples import Dataset
 from hesse.operators import Objective
-from hesse.operators.data import default_forward
 from hesse.report.document import SCHEMA
 from hesse.report.folder import INDEX_HTML, REPORT_JSON, write_report_folder
 
@@ -157,15 +152,7 @@ def _prune(request: PruneRequest) -> None:
 
 def _objective(problem: Any, request: PruneRequest) -> Objective:
     """The objective of the problem on its (first ``--max-samples``) data with ``--loss``."""
-    if problem.criterion is None or request.loss != "cross_entropy":
-        problem.criterion = LOSSES[request.loss]()
-    if request.loss == "mse":
-        problem.forward = one_hot_targets(problem.forward or default_forward)
-    data = problem.data
-    if isinstance(data, Dataset):
-        data = data.loader(request.batch_size, request.max_samples)
-    elif request.max_samples is not None:
-        data = first_samples(data, request.max_samples)
+    data = problem_data(problem, request.loss, request.batch_size, request.max_samples)
     params = list(request.param_globs) or problem.params
     try:
         return Objective(problem.model, problem.criterion, data, forward=problem.forward, params=params)

@@ -22,21 +22,15 @@ from typing import Any
 
 import click
 import numpy as np
-import torch
 
 from hesse.apply.quantize import (
     Sensitivity, allocate_bits, evaluate_bits, export_config, fraction_limit, random_allocation,
     reversed_allocation, sensitivities,
 )
-from hesse.cli import (
-    LOSSES, CliError, describe, first_samples,
-    one_hot_targets, stderr_is_terminal,
-)
-from hesse.commands._shared import load_problem, model_and_data_options, one_line_errors, stage
+from hesse.cli import LOSSES, CliError, describe, first_samples, stderr_is_terminal
+from hesse.commands._shared import load_problem, model_and_data_options, one_line_errors, problem_data, stage
 from hesse.errors import HesseError
-from hesse.examples import Dataset
 from hesse.operators import Objective
-from hesse.operators.data import default_forward
 from hesse.report.document import SCHEMA
 from hesse.report.folder import INDEX_HTML, REPORT_JSON, write_report_folder
 
@@ -185,15 +179,7 @@ def _metric_text(row: dict[str, Any]) -> str:
 def _objectives(problem: Any, request: QuantizeRequest) -> tuple[Objective, Objective]:
     """The evaluation objective (first ``--max-samples``) and the curvature one (first
     ``--curvature-samples`` of those), both with ``--loss``."""
-    if problem.criterion is None or request.loss != "cross_entropy":
-        problem.criterion = LOSSES[request.loss]()
-    if request.loss == "mse":
-        problem.forward = one_hot_targets(problem.forward or default_forward)
-    data = problem.data
-    if isinstance(data, Dataset):
-        data = data.loader(request.batch_size, request.max_samples)
-    elif request.max_samples is not None:
-        data = first_samples(data, request.max_samples)
+    data = problem_data(problem, request.loss, request.batch_size, request.max_samples)
     try:
         objectives = tuple(Objective(problem.model, problem.criterion, d, forward=problem.forward,
                                      params=problem.params)
