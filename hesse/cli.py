@@ -466,7 +466,7 @@ def main() -> None:
               help="Lanczos steps for the density and per-layer eigenvalues [40].")
 @click.option("--probes", type=click.IntRange(min=1), help="Random probes for the spectral density [3].")
 @click.option("--layer-probes", type=click.IntRange(min=2),
-              help="Most products for the per-layer traces, which stop at 2% accuracy [300].")
+              help="Most columns per block for the per-layer traces (each a product), which stop at 2% accuracy [300].")
 @click.option("--tol", type=FiniteFloatRange(min=0, min_open=True),
               help="Relative tolerance of the eigenvalues [1e-3].")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True),
