@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,28 @@ from hesse.errors import HesseError
 from hesse.examples import EXAMPLES, Dataset, Problem
 from hesse.operators.data import default_forward
 from hesse.report.folder import check_output_folder
+
+
+@dataclass(kw_only=True)
+class ProblemRequest:
+    """The options every subcommand shares: model and data (:func:`model_and_data_options`),
+    loss, seed, threads and output; each subcommand's request adds its own."""
+
+    example: str | None
+    model_spec: str | None
+    checkpoint: Path | None
+    hf_model: Path | None
+    data_spec: str | None
+    batch_size: int
+    max_samples: int | None
+    param_globs: tuple[str, ...]
+    loss: str
+    seed: int
+    threads: int | None
+    out: Path
+    overwrite: bool
+    quiet: bool
+    json_only: bool
 
 
 @contextmanager

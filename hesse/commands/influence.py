@@ -29,7 +29,7 @@ import torch
 
 from hesse.apply.influence import CURVATURES, METHODS, _take_range, pairwise, preconditioner, self_influence
 from hesse.cli import LOSSES, CliError, FiniteFloatRange, describe
-from hesse.commands._shared import load_problem, model_and_data_options, one_line_errors, problem_data, stage
+from hesse.commands._shared import ProblemRequest, load_problem, model_and_data_options, one_line_errors, problem_data, stage
 from hesse.errors import HesseError
 from hesse.operators import Objective
 from hesse.operators.data import DataSource, default_num_samples
@@ -37,30 +37,15 @@ from hesse.report.document import SCHEMA
 from hesse.report.folder import INDEX_HTML, REPORT_JSON, write_report_folder
 
 
-@dataclass
-class InfluenceRequest:
+@dataclass(kw_only=True)
+class InfluenceRequest(ProblemRequest):
     """What ``hesse influence`` is asked to do."""
 
-    example: str | None
-    model_spec: str | None
-    checkpoint: Path | None
-    hf_model: Path | None
-    data_spec: str | None
-    batch_size: int
-    max_samples: int | None
-    param_globs: tuple[str, ...]
-    loss: str
     method: str
     curvature: str
     damping: float
     queries: tuple[int, ...] | None
     top: int
-    seed: int
-    threads: int | None
-    out: Path
-    overwrite: bool
-    quiet: bool
-    json_only: bool
 
 
 def parse_queries(text: str | None) -> tuple[int, ...] | None:

@@ -24,7 +24,7 @@ import torch
 
 from hesse.apply import prune_layerwise_obs, prune_magnitude, prune_obd, prune_woodfisher
 from hesse.cli import LOSSES, CliError, describe, stderr_is_terminal
-from hesse.commands._shared import load_problem, model_and_data_options, one_line_errors, problem_data, stage
+from hesse.commands._shared import ProblemRequest, load_problem, model_and_data_options, one_line_errors, problem_data, stage
 from hesse.errors import HesseError
 from hesse.operators import Objective
 from hesse.report.document import SCHEMA
@@ -33,31 +33,16 @@ from hesse.report.folder import INDEX_HTML, REPORT_JSON, write_report_folder
 METHODS = ("magnitude", "obd", "woodfisher", "layerwise")
 
 
-@dataclass
-class PruneRequest:
+@dataclass(kw_only=True)
+class PruneRequest(ProblemRequest):
     """What ``hesse prune`` is asked to do."""
 
-    example: str | None
-    model_spec: str | None
-    checkpoint: Path | None
-    hf_model: Path | None
-    data_spec: str | None
-    batch_size: int
-    max_samples: int | None
-    param_globs: tuple[str, ...]
-    loss: str
     methods: tuple[str, ...]
     targets: list[dict[str, Any]]
     scope: str
     budget: int
     obd_diagonal: str
     fisher_samples: int
-    seed: int
-    threads: int | None
-    out: Path
-    overwrite: bool
-    quiet: bool
-    json_only: bool
 
 
 def parse_methods(text: str) -> tuple[str, ...]:

@@ -28,7 +28,7 @@ from hesse.apply.quantize import (
     reversed_allocation, sensitivities,
 )
 from hesse.cli import LOSSES, CliError, describe, first_samples, stderr_is_terminal
-from hesse.commands._shared import load_problem, model_and_data_options, one_line_errors, problem_data, stage
+from hesse.commands._shared import ProblemRequest, load_problem, model_and_data_options, one_line_errors, problem_data, stage
 from hesse.errors import HesseError
 from hesse.operators import Objective
 from hesse.report.document import SCHEMA
@@ -37,20 +37,11 @@ from hesse.report.folder import INDEX_HTML, REPORT_JSON, write_report_folder
 BITS_PER_MB = 8 * 2 ** 20  # 1 MB = 2^20 bytes
 
 
-@dataclass
-class QuantizeRequest:
+@dataclass(kw_only=True)
+class QuantizeRequest(ProblemRequest):
     """What ``hesse quantize`` is asked to do."""
 
-    example: str | None
-    model_spec: str | None
-    checkpoint: Path | None
-    hf_model: Path | None
-    data_spec: str | None
-    batch_size: int
-    max_samples: int | None
     curvature_samples: int
-    param_globs: tuple[str, ...]
-    loss: str
     bits: tuple[int, ...]
     budgets: list[tuple[str, float]]
     act_bits: int | None
@@ -58,12 +49,6 @@ class QuantizeRequest:
     measure: str
     rtol: float
     random_seeds: int
-    seed: int
-    threads: int | None
-    out: Path
-    overwrite: bool
-    quiet: bool
-    json_only: bool
 
 
 def parse_bits(text: str) -> tuple[int, ...]:
