@@ -23,7 +23,8 @@ def _exit_now(status: int) -> None:
     ``PyRun_String`` while torch is being imported (pybind11's ``exec``), CPython marks the
     interrupt as unhandled even though it was caught here, and at exit kills itself with
     SIGINT instead of returning ``status``. Nothing has been written yet, so there is nothing
-    for the interpreter's shutdown to finish.
+    for the interpreter's shutdown to finish. After start-up the command has already finished
+    (or abandoned) its writes when it exits with 130, so the same exit is used there.
     """
     sys.stdout.flush()
     sys.stderr.flush()
@@ -55,7 +56,12 @@ def entry() -> None:
               file=sys.stderr)
         sys.exit(EXIT_USAGE)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    cli.main()
+    try:
+        cli.main()
+    except SystemExit as done:
+        if done.code == EXIT_INTERRUPTED:  # the same CPython mark can be left by a Ctrl-C after start-up
+            _exit_now(EXIT_INTERRUPTED)
+        raise
 
 
 if __name__ == "__main__":
