@@ -27,7 +27,7 @@ import torch
 from hesse._progress import progress_bar
 from hesse.errors import HesseError, NotConvergedWarning, check_on_interrupt, interrupted
 from hesse.linalg import DensityResult, EigenResult, TraceResult, density
-from hesse.linalg.block_estimators import CONFIDENCE, BlockTraces
+from hesse.linalg.block_estimators import CONFIDENCE, BlockTraces, SampledBlockTraces
 from hesse.linalg.checks import check_positive, prepare_operator
 from hesse.linalg.lanczos import Lanczos, krylov_steps
 from hesse.linalg.probes import gaussian_block
@@ -317,6 +317,7 @@ def per_layer(
     check_symmetric: bool = True,
     progress: bool | None = None,
     on_interrupt: str = "raise",
+    trace_method: str = "auto",
 ) -> PerLayerResult:
     """Trace (to relative accuracy ``rtol``), trace per parameter and top eigenvalue of every
     diagonal block ``A_bb``.
@@ -333,7 +334,11 @@ def per_layer(
     block) are used; a finished block takes no more columns. A block of at most 60 entries, or one
     whose ``n_b`` identity columns cost no more than the estimators still need, is computed
     exactly from its diagonal (stderr 0). Blocks that miss ``rtol`` raise a
-    :class:`NotConvergedWarning`.
+    :class:`NotConvergedWarning`. ``trace_method``: ``"hutch++"`` (the above), ``"sampled"``
+    (:class:`~hesse.linalg.block_estimators.SampledBlockTraces`: ``tr(A_bb) = E‖w_b‖²`` from
+    columns of a random square root ``A = E[w wᵀ]``, one backward per column for all blocks
+    at once, at most ``trace_probes`` columns in all; GGN and Fisher only) or ``"auto"``
+    (sampled where the operator has a square root, else Hutch++).
 
     Top eigenvalues: Lanczos (:mod:`hesse.linalg.lanczos`) on all blocks simultaneously, one
     recurrence per block in that block's rows, so each step is one product of ``D`` (one
@@ -363,18 +368,18 @@ def per_layer(
     res = PerLayerResult(names, {n: s.stop - s.start for n, s in D.blocks.items()}, dict(nan),
                          dict.fromkeys(names, False), dict(nan), dict.fromkeys(names, math.inf),
                          dict.fromkeys(names, "none"), rtol, 0, used)
-    traces = BlockTraces(D, rtol, trace_probes, gen)
+    traces = block_traces(D, trace_method, rtol, trace_probes, seed, gen)
     lz = Lanczos(D.matmat, D.size, D.dtype, D.device, segments=list(D.blocks.values()), on_breakdown="stop")
-    trace_start = D.parent_products
 
     def count_products() -> None:  # every column of A: products of the view and of single blocks
-        res.matvecs = D.parent_products - view_products + sum(d.matvecs for d in res.densities.values())
+        sampled = traces.matvecs if isinstance(traces, SampledBlockTraces) else 0
+        res.matvecs = D.parent_products - view_products + sampled + sum(d.matvecs for d in res.densities.values())
 
     with progress_bar(total=trace_probes + max_steps, desc="per-layer", enabled=progress, unit="pass") as bar:
         stage = "traces"
         try:
             traces.run(bar.update)
-            _record_traces(traces.results(), res, D.parent_products - trace_start)
+            _record_traces(traces.results(), res, traces.matvecs)
             stage = "eigenvalues"
             _block_top_eigenvalues(lz, res, tol, max_steps, gen, bar)
             stage = "densities"
@@ -382,7 +387,7 @@ def per_layer(
                 res.densities[n] = density(D.block(n), seed=seed, progress=progress, **density_kwargs)
         except KeyboardInterrupt as error:
             if stage == "traces":
-                _record_traces(traces.results(interrupted=True), res, D.parent_products - trace_start)
+                _record_traces(traces.results(interrupted=True), res, traces.matvecs)
             if stage != "densities":  # the Ritz values so far, unconverged
                 _record_top_eigenvalues(lz, res, [False] * len(names))
             count_products()
@@ -390,6 +395,23 @@ def per_layer(
     count_products()
     _warn_unconverged(res, tol, max_steps, trace_probes)
     return res
+
+
+TRACE_METHODS = ("auto", "hutch++", "sampled")
+
+
+def block_traces(D: BlockDiagonalOperator, method: str, rtol: float, budget: int, seed: int,
+                 gen: torch.Generator) -> BlockTraces | SampledBlockTraces:
+    """The per-block trace estimator ``method`` asks for (see :func:`per_layer`), not yet run."""
+    if method not in TRACE_METHODS:
+        raise HesseError(f"trace_method must be one of {TRACE_METHODS}, got {method!r}.")
+    sampler = None if method == "hutch++" else D.square_root_sampler()
+    if method == "sampled" and sampler is None:
+        raise HesseError("trace_method='sampled' needs a GGN or Fisher operator with nn.CrossEntropyLoss, "
+                         "nn.MSELoss or nn.BCEWithLogitsLoss; use 'hutch++' for this operator.")
+    if sampler is None:
+        return BlockTraces(D, rtol, budget, gen)
+    return SampledBlockTraces(sampler, D.blocks, rtol, budget, seed)
 
 
 def _record_traces(traces: dict[str, TraceResult], res: PerLayerResult, products: int) -> None:
@@ -407,7 +429,14 @@ def _warn_unconverged(res: PerLayerResult, tol: float, max_steps: int, trace_pro
     loose = [n for n, ok in res.rtol_met.items() if not ok]
     if loose:
         warnings.warn(f"per_layer: traces of blocks {loose} did not reach rtol={res.rtol:g} within "
-                      f"trace_probes={trace_probes} columns per block; raise trace_probes.", NotConvergedWarning, stacklevel=3)
+                      f"trace_probes={trace_probes} columns {budget_unit(res)}; raise trace_probes.", NotConvergedWarning,
+                      stacklevel=3)
+
+
+def budget_unit(res: PerLayerResult) -> str:
+    """How the ``trace_probes`` budget counts: per block (Hutch++) or shared (sampled)."""
+    sampled = any(m.startswith("sampled") for m in res.trace_method.values())
+    return "shared by all blocks" if sampled else "per block"
 
 def _block_top_eigenvalues(lz: Lanczos, res: PerLayerResult, tol: float, max_steps: int,
                            gen: torch.Generator, bar) -> None:

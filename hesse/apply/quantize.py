@@ -39,12 +39,11 @@ import numpy as np
 import torch
 
 from hesse._progress import progress_bar
-from hesse.analysis.spectrum import PerLayerResult, per_layer
+from hesse.analysis.spectrum import PerLayerResult, block_traces, budget_unit, per_layer
 from hesse.apply.quantization.allocation import Allocation, allocate_bits, fraction_limit
 from hesse.apply.quantization.fake import perturbation, quantize_weight, quantized_copy, quantized_weights
 from hesse.apply.quantization.layers import QuantLayer, find_layers, layer_costs, measure_macs
 from hesse.errors import HesseError, NotConvergedWarning
-from hesse.linalg.block_estimators import BlockTraces
 from hesse.linalg.checks import check_positive
 from hesse.operators import GGN, BlockDiagonalOperator, Hessian, Objective, as_objective
 from hesse.operators.objective import Evaluation
@@ -122,8 +121,8 @@ def sensitivities(model: torch.nn.Module | Objective, criterion: Any = None, dat
                   bits: Sequence[int] = (2, 4, 8), curvature: str = "hessian", layers: Iterable[str] | None = None,
                   rtol: float = 0.02, trace_probes: int = 300, max_steps: int = 60, tol: float = 1e-3,
                   seed: int = 0, hessian_method: str = "auto", progress: bool | None = None,
-                  top_eigenvalues: bool = True, **settings: Any) -> Sensitivity:
-    """Traces (``rtol``, at most ``trace_probes`` columns per block), top eigenvalues (Lanczos to ``tol``,
+                  top_eigenvalues: bool = True, trace_method: str = "auto", **settings: Any) -> Sensitivity:
+    """Traces (``rtol``, at most ``trace_probes`` columns per block, or shared when sampled), top eigenvalues (Lanczos to ``tol``,
     at most ``max_steps``) and quantization errors of every quantizable layer, for ``bits``.
 
     ``model, criterion, data, **settings`` are those of :class:`~hesse.Objective` (or pass one);
@@ -132,7 +131,10 @@ def sensitivities(model: torch.nn.Module | Objective, criterion: Any = None, dat
     blocks share each product of the block-diagonal view, one data pass per product.
     ``top_eigenvalues=False`` skips the per-layer Lanczos (HAWQ-V2's ``Ω`` needs only traces;
     each Lanczos step multiplies every block, as costly as one trace probe per block): the
-    top eigenvalues are NaN and the ``"qbert"`` measure is refused.
+    top eigenvalues are NaN and the ``"qbert"`` measure is refused. ``trace_method``: as in
+    :func:`~hesse.analysis.spectrum.per_layer`; ``"auto"`` samples the GGN's square root (one
+    backward per column for all layers, ``trace_probes`` columns in all) for the supported
+    likelihoods and runs per-block Hutch++ on the Hessian.
     """
     if curvature not in ("hessian", "ggn"):
         raise HesseError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}.")
@@ -145,9 +147,10 @@ def sensitivities(model: torch.nn.Module | Objective, criterion: Any = None, dat
     view = BlockDiagonalOperator(op, _layer_slices(restricted, found))
     if top_eigenvalues:
         result = per_layer(view, rtol=rtol, trace_probes=trace_probes, tol=tol, max_steps=max_steps, seed=seed,
-                           progress=progress)
+                           progress=progress, trace_method=trace_method)
     else:
-        result = layer_traces(view, rtol=rtol, trace_probes=trace_probes, seed=seed, progress=progress)
+        result = layer_traces(view, rtol=rtol, trace_probes=trace_probes, seed=seed, progress=progress,
+                              trace_method=trace_method)
     if np.isnan(list(result.trace.values())).any():
         raise HesseError(f"some layer traces got no probe within trace_probes={trace_probes}; raise trace_probes.")
     weights = {q.name: objective.model.get_parameter(q.param).detach()[q.rows] for q in found}
@@ -158,19 +161,18 @@ def sensitivities(model: torch.nn.Module | Objective, criterion: Any = None, dat
 
 
 def layer_traces(view: BlockDiagonalOperator, *, rtol: float, trace_probes: int, seed: int = 0,
-                 progress: bool | None = None) -> PerLayerResult:
-    """The traces of :func:`hesse.analysis.spectrum.per_layer` alone (same estimator,
-    :class:`~hesse.linalg.block_estimators.BlockTraces`, same ``rtol`` and ``trace_probes``
-    columns per block); top eigenvalues NaN (unconverged); ``matvecs``: products of the whole
-    operator."""
+                 progress: bool | None = None, trace_method: str = "auto") -> PerLayerResult:
+    """The traces of :func:`hesse.analysis.spectrum.per_layer` alone (same estimators, same
+    ``rtol``, ``trace_probes`` and ``trace_method``); top eigenvalues NaN (unconverged);
+    ``matvecs``: products of the whole operator (or square-root columns)."""
     check_positive("rtol", rtol)
     if trace_probes < 2:
         raise HesseError("trace_probes must be at least 2 to report a stderr.")
-    names, start = list(view.blocks), view.parent_products
-    traces = BlockTraces(view, rtol, trace_probes, torch.Generator().manual_seed(seed))
-    with progress_bar(total=trace_probes, desc="layer traces", enabled=progress, unit="pass") as bar:
+    names = list(view.blocks)
+    traces = block_traces(view, trace_method, rtol, trace_probes, seed, torch.Generator().manual_seed(seed))
+    with progress_bar(total=trace_probes, desc="layer traces", enabled=progress, unit="column") as bar:
         traces.run(bar.update)
-    found, products = traces.results(), view.parent_products - start
+    found, products = traces.results(), traces.matvecs
     result = PerLayerResult(names, {n: s.stop - s.start for n, s in view.blocks.items()},
                             dict.fromkeys(names, math.nan), dict.fromkeys(names, False),
                             {n: t.estimate for n, t in found.items()}, {n: t.stderr for n, t in found.items()},
@@ -178,7 +180,7 @@ def layer_traces(view: BlockDiagonalOperator, *, rtol: float, trace_probes: int,
     loose = [n for n, ok in result.rtol_met.items() if not ok]
     if loose:
         warnings.warn(f"layer_traces: traces of {loose} did not reach rtol={rtol:g} within trace_probes="
-                      f"{trace_probes} columns per block; raise trace_probes.", NotConvergedWarning, stacklevel=2)
+                      f"{trace_probes} columns {budget_unit(result)}; raise trace_probes.", NotConvergedWarning, stacklevel=2)
     return result
 
 

@@ -28,6 +28,14 @@ runs), and becomes exact later when, after a round, the columns the estimators s
 reach ``rtol`` (extrapolated at the Hutchinson rate ``stderr ~ 1/sqrt(m)``, a pessimistic
 bound for Hutch++) are at least ``n_b``.
 
+**Sampled square roots** (:class:`SampledBlockTraces`), for operators with a random factor
+(``A = E[w wᵀ]``: the GGN and Fisher, ``w = Jᵀ z`` with output-space ``z``, see
+:meth:`hesse.GGN.sample_square_root`): ``tr(A_bb) = E‖w_b‖²``, so one column ``w`` (one
+backward pass) gives a non-negative, unbiased estimate for every block at once, with no
+cross-block terms. Its variance is Hutchinson's on each block (``2‖A_bb‖_F²`` per column for
+Gaussian ``z``), so it needs more columns than Hutch++ on a low-rank block, but a column
+costs one backward for all blocks instead of one product per block.
+
 Tried and dropped: probes of the whole operator, each serving every block (``g_b^T (A g)_b``,
 unbiased for ``tr(A_bb)``, deflated by a shared Hutch++ sketch). Cross-block terms
 ``A_bc`` dominate their variance on networks: on a 9.8k-parameter BatchNorm ResNet the
@@ -229,3 +237,67 @@ class BlockTraces:
         for b in self.blocks:
             if not b.exact and not b.done(self.rtol) and b.n <= room:
                 b.start_exact(self.gen)
+
+
+SAMPLED_FIRST_ROUND = 32  # columns of the first data pass of SampledBlockTraces
+SAMPLED_GROWTH = 4  # a later pass draws at most this many times the columns so far
+
+
+class SampledBlockTraces:
+    """``tr(A_bb)`` of every block from columns ``w`` of a random square root (``E[w wᵀ] = A``):
+    the mean of ``‖w_b‖²`` with its sample stderr, stopping when every block has
+    ``t_{m-1} stderr <= rtol · trace`` (:func:`confidence_factor`) or ``budget`` columns are drawn.
+
+    ``sample(columns, seed)`` returns ``[P, columns]`` (one data pass). A pass draws
+    :data:`SAMPLED_FIRST_ROUND` columns, then the number the slowest block is predicted to
+    need (stderr ``~ 1/sqrt(m)``, 20% margin), at most :data:`SAMPLED_GROWTH` times the
+    columns so far. Same interface as :class:`BlockTraces` (``columns`` = ``matvecs`` = columns drawn).
+    """
+
+    def __init__(self, sample: Callable[[int, int], torch.Tensor], blocks: dict[str, slice], rtol: float,
+                 budget: int, seed: int):
+        self.sample, self.rtol, self.budget, self.seed = sample, rtol, budget, seed
+        self.names, self.slices = list(blocks), list(blocks.values())
+        self.squares = torch.zeros(len(self.names), 0, dtype=torch.float64)  # ‖w_b‖² per block and column
+        self.columns = self.matvecs = self.passes = 0
+
+    def _estimates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.squares.shape[1]
+        mean = self.squares.mean(1) if m else torch.full((len(self.names),), math.nan, dtype=torch.float64)
+        err = self.squares.std(1) / math.sqrt(m) if m > 1 else torch.full_like(mean, math.inf)
+        return mean, err
+
+    def _needed(self) -> int:
+        """Columns in total the slowest block is predicted to need (0 when every block is done)."""
+        m = self.squares.shape[1]
+        if m < 2:
+            return SAMPLED_FIRST_ROUND
+        mean, err = self._estimates()
+        ratio = confidence_factor(m) * err / (self.rtol * mean.abs())
+        ratio = torch.where(err == 0, torch.zeros_like(ratio), ratio)  # zero blocks (and exact zeros) are done
+        worst = float(ratio.max())
+        return 0 if worst <= 1 else math.ceil(1.2 * m * worst**2)
+
+    def finished(self) -> bool:
+        return self._needed() == 0
+
+    def run(self, on_columns: Callable[[int], None] = lambda n: None) -> None:
+        """Passes until every block is within ``rtol`` or the budget is spent."""
+        while self.columns < self.budget:
+            need = self._needed()
+            if need == 0:
+                return
+            width = min(max(need - self.columns, 2), self.budget - self.columns,
+                        max(SAMPLED_GROWTH * self.columns, SAMPLED_FIRST_ROUND))
+            W = self.sample(width, self.seed + 7919 * self.passes).to(torch.float64)
+            squares = torch.stack([(W[s] ** 2).sum(0) for s in self.slices]).cpu()
+            self.squares = torch.cat([self.squares, squares], 1)
+            self.columns += width
+            self.matvecs, self.passes = self.columns, self.passes + 1
+            on_columns(width)
+
+    def results(self, interrupted: bool = False) -> dict[str, TraceResult]:
+        """Every block's :class:`~hesse.results.TraceResult` (``matvecs``: square-root columns)."""
+        mean, err = self._estimates()
+        return {n: TraceResult(float(mean[i]), float(err[i]), self.columns, "sampled square root", interrupted)
+                for i, n in enumerate(self.names)}

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from hesse.errors import HesseError
-from hesse.operators.curvature import CurvatureOperator
+from hesse.operators.curvature import UNTIMED_COLUMNS, CurvatureOperator
 from hesse.operators.data import Batch
+from hesse.operators.likelihoods import batch_seed, random_root, supported
 
 
 class OutputSpaceCurvature(CurvatureOperator):
@@ -30,15 +31,62 @@ class OutputSpaceCurvature(CurvatureOperator):
         """``M @ u`` for each of the K output-space directions ``U`` (``[K, *output.shape]``)."""
         raise NotImplementedError
 
+    def _output_roots(
+        self, output: torch.Tensor, target: Any, columns: int, generator: torch.Generator, batch_index: int
+    ) -> torch.Tensor:  # pragma: no cover - abstract
+        """``columns`` random output-space vectors ``z`` with ``E[z zᵀ] = M`` (``[columns, *output.shape]``)."""
+        raise NotImplementedError
+
+    def has_square_root(self) -> bool:
+        """Whether :meth:`sample_square_root` works for this criterion (see :mod:`hesse.operators.likelihoods`)."""
+        return supported(self.criterion)
+
+    def square_root_sampler(self):
+        return self.sample_square_root if self.has_square_root() else None
+
+    def sample_square_root(self, columns: int, seed: int = 0) -> torch.Tensor:
+        """``W`` (``[P, columns]``) of independent columns with ``E[w wᵀ] = C``, in one data pass.
+
+        ``w = Σ_b √(ω_b) J_bᵀ z_b`` with ``ω_b`` the batch's weight in the loss and output-space
+        vectors ``z_b`` with ``E[z_b z_bᵀ] = M_b`` drawn independently per batch (so cross-batch
+        terms vanish in expectation). Each column costs one VJP, a backward pass, for all
+        parameters at once: ``‖w_S‖²`` is an unbiased, non-negative estimate of the trace of
+        the diagonal block ``C_SS`` for every set ``S`` of parameters simultaneously (used by
+        :class:`hesse.linalg.block_estimators.SampledBlockTraces`).
+        """
+        if not self.has_square_root():
+            raise HesseError(f"{type(self).__name__} has no sampled square root for {type(self.criterion).__name__}; "
+                             "use nn.CrossEntropyLoss, nn.MSELoss or nn.BCEWithLogitsLoss, or Hutch++ traces.")
+        names = self.objective.param_names
+        width = self.max_columns or UNTIMED_COLUMNS
+
+        def per_batch(batch: Batch, index: int, weight: float) -> torch.Tensor:
+            generator = torch.Generator(device=self.device).manual_seed(batch_seed(seed + 1_000_033, index))
+            rows = []
+            with torch.enable_grad():
+                output, vjp_fn, target = torch.func.vjp(
+                    lambda p: self._model_output(p, batch), self.objective.values(), has_aux=True)
+                Z = self._output_roots(output.detach(), target, columns, generator, index)
+                for lo in range(0, columns, width):
+                    W = _batched(lambda u: vjp_fn(u)[0], Z[lo:lo + width])
+                    rows.append(torch.cat([W[n].reshape(W[n].shape[0], -1) for n in names], dim=1))
+            return torch.cat(rows).T * weight ** 0.5
+
+        total, count = self.objective.sum_over_data(per_batch, desc=f"{type(self).__name__} square root @ {columns}")
+        return (total / count ** 0.5 if self.objective.reduction == "mean" else total).detach()
+
+    def _model_output(self, params, batch: Batch):
+        output, target = self.objective.call_model(params, batch)
+        if not isinstance(output, torch.Tensor):
+            raise HesseError(
+                f"the model output is a {type(output).__name__}, not a tensor; pass forward= "
+                "returning (output_tensor, target)."
+            )
+        return output, target
+
     def _batch_products(self, params, batch: Batch, V, batch_index: int):
         def model_output(p):
-            output, target = self.objective.call_model(p, batch)
-            if not isinstance(output, torch.Tensor):
-                raise HesseError(
-                    f"the model output is a {type(output).__name__}, not a tensor; pass forward= "
-                    "returning (output_tensor, target)."
-                )
-            return output, target
+            return self._model_output(p, batch)
 
         output, vjp_fn, target = torch.func.vjp(model_output, params, has_aux=True)
         output = output.detach()
@@ -79,6 +127,10 @@ class GGN(OutputSpaceCurvature):
     output space, so any twice-differentiable criterion works.
     For cross-entropy and MSE, ``G`` equals the true Fisher (``hesse.Fisher(kind="true")``).
     """
+
+    def _output_roots(self, output, target, columns, generator, batch_index):
+        """For the supported likelihoods the GGN is the true Fisher: its square root."""
+        return random_root(self.criterion, self.objective.reduction, "true", output, target, columns, generator)
 
     def _output_products(self, output, target, U, batch_index):
         def criterion_of_output(f):

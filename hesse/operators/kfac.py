@@ -44,13 +44,13 @@ from torch.nn import functional as F
 from hesse.errors import HesseError
 from hesse.operators.curvature import CurvatureOperator
 from hesse.operators.data import Batch
-from hesse.operators.fisher import (
-    KINDS,
-    _batch_seed,
-    _check_supported,
-    _observed_gradient,
-    _sampled_gradient,
-    _scale_and_mask,
+from hesse.operators.fisher import KINDS
+from hesse.operators.likelihoods import (
+    batch_seed,
+    check_likelihood,
+    observed_gradient,
+    sampled_gradient,
+    scale_and_mask,
 )
 from hesse.operators.linear import LinearOperator
 
@@ -229,12 +229,12 @@ def _backprop_vectors(criterion, reduction: str, kind: str, output: torch.Tensor
     """Output-space vectors ``r`` with ``Σ r rᵀ`` = the batch loss's output curvature (exactly, or in expectation).
 
     Each includes the loss's scale ``√s_b`` and the mask of ignored targets."""
-    scale, mask = _scale_and_mask(criterion, reduction, output, target)
+    scale, mask = scale_and_mask(criterion, reduction, output, target)
     root = torch.sqrt(torch.as_tensor(scale, dtype=output.dtype)) * mask
     if kind == "empirical":
-        return [root * _observed_gradient(criterion, output, target)]
+        return [root * observed_gradient(criterion, output, target)]
     if kind == "mc":
-        return [root * _sampled_gradient(criterion, output, generator) / math.sqrt(mc_samples)
+        return [root * sampled_gradient(criterion, output, generator) / math.sqrt(mc_samples)
                 for _ in range(mc_samples)]
     if isinstance(criterion, nn.CrossEntropyLoss):
         p = torch.softmax(output, dim=1)
@@ -406,7 +406,7 @@ class KFAC(CurvatureOperator):
             raise HesseError(f"weight_sharing must be one of {SHARING}, got {weight_sharing!r}.")
         if mc_samples < 1:
             raise HesseError(f"mc_samples must be at least 1, got {mc_samples}.")
-        _check_supported(self.criterion)
+        check_likelihood(self.criterion)
         self.kind, self.mc_samples, self.seed, self.weight_sharing = kind, mc_samples, seed, weight_sharing
         self.layers = _discover(self.model, set(self.param_names))
         self._blocks: list[_Block] | None = None
@@ -460,7 +460,7 @@ class KFAC(CurvatureOperator):
         """Per layer, per call: the rows ``a`` and, per backpropagated vector, the rows ``g``."""
         values = {n: t.detach().requires_grad_(True) for n, t in self.objective.values().items()}
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(_batch_seed(self.seed, index))
+        generator.manual_seed(batch_seed(self.seed, index))
         with _Capture(self.layers) as capture, torch.enable_grad():
             output, target = self.objective.call_model(values, batch)
             vectors = _backprop_vectors(self.criterion, self.objective.reduction, self.kind, output.detach(),

@@ -8,7 +8,7 @@ A dense matrix (``DenseOperator``) and a full-dataset Hessian are used the same 
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import scipy.sparse.linalg as spla
@@ -34,6 +34,11 @@ class LinearOperator:
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def square_root_sampler(self) -> Callable[[int, int], torch.Tensor] | None:
+        """``(columns, seed) -> W`` (``[P, columns]``, independent columns with ``E[w wᵀ] = A``)
+        when the operator has such a factor (GGN and Fisher for the supported likelihoods), else None."""
+        return None
 
     @property
     def size(self) -> int:
@@ -233,6 +238,10 @@ class BlockDiagonalOperator(LinearOperator):
     @property
     def blocks(self) -> dict[str, slice]:
         return dict(self._blocks)
+
+    def square_root_sampler(self) -> Callable[[int, int], torch.Tensor] | None:
+        """The parent's: ``‖w_b‖²`` of its columns estimates ``tr(A_bb)`` for every block."""
+        return self.parent.square_root_sampler()
 
     def block(self, name: str) -> LinearOperator:
         """The operator of one diagonal block."""

@@ -1,0 +1,165 @@
+"""Per-layer traces of the GGN and Fisher from sampled square roots (``E[w wᵀ] = C``), checked
+against dense matrices: unbiased for every block, the right scale for every likelihood and
+reduction, and the estimator ``per_layer`` picks for them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hesse
+from hesse.analysis.spectrum import per_layer
+from hesse.apply.quantize import sensitivities
+from hesse.errors import HesseError
+from hesse.linalg.block_estimators import SampledBlockTraces
+from tests.helpers import uneven_batches
+
+COLUMNS = 4000
+
+
+def _mlp(outputs: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, outputs)).double()
+
+
+def _classification(n=37):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def _dense(op) -> torch.Tensor:
+    return op.matmat(torch.eye(op.shape[0], dtype=op.dtype))
+
+
+def _assert_unbiased_block_traces(op, columns=COLUMNS):
+    """Every block's mean of ``‖w_b‖²`` within 4 stderr of the dense block trace, and the
+    stderr small enough (3%) that a factor-of-√2 slip in any scale would fail."""
+    C = _dense(op)
+    W = op.sample_square_root(columns, seed=3).to(torch.float64)
+    assert W.shape == (op.shape[0], columns)
+    for name, s in op.blocks.items():
+        squares = (W[s] ** 2).sum(0)
+        mean, stderr = float(squares.mean()), float(squares.std() / columns**0.5)
+        exact = float(torch.trace(C[s, s]))
+        assert abs(mean - exact) <= 4 * stderr + 1e-12, (name, mean, exact, stderr)
+        assert stderr <= 0.03 * exact, (name, stderr, exact)
+
+
+@pytest.mark.parametrize("kind", ["ggn", "true", "empirical", "mc"])
+def test_cross_entropy_square_roots_are_unbiased_per_block_with_uneven_batches(kind):
+    X, y = _classification()
+    data = uneven_batches(X, y, [16, 16, 5])
+    model = _mlp(3)
+    op = hesse.GGN(model, nn.CrossEntropyLoss(), data) if kind == "ggn" else \
+        hesse.Fisher(model, nn.CrossEntropyLoss(), data, kind=kind, mc_samples=2)
+    _assert_unbiased_block_traces(op)
+
+
+def test_square_root_matches_the_whole_matrix_not_only_its_diagonal():
+    """``W Wᵀ / m`` converges to ``C`` entrywise (relative Frobenius error ~ 1/√m)."""
+    X, y = _classification()
+    op = hesse.GGN(_mlp(3), nn.CrossEntropyLoss(), uneven_batches(X, y, [20, 17]))
+    C = _dense(op)
+    errors = []
+    for m in (500, 8000):
+        W = op.sample_square_root(m, seed=5)
+        errors.append(float((W @ W.T / m - C).norm() / C.norm()))
+    assert errors[1] < 0.1 and errors[1] < errors[0] / 2.5, errors
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mse_and_bce_square_roots_have_the_loss_scale(reduction):
+    X, _ = _classification()
+    targets = X[:, :2].sum(1, keepdim=True).repeat(1, 2)
+    _assert_unbiased_block_traces(hesse.GGN(_mlp(2), nn.MSELoss(reduction=reduction), [(X, targets)]))
+    labels = (targets > 0).to(torch.float64)
+    _assert_unbiased_block_traces(hesse.GGN(_mlp(2), nn.BCEWithLogitsLoss(reduction=reduction), [(X, labels)]))
+
+
+def test_spatial_cross_entropy_with_ignored_targets():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv1d(3, 4, 1)).double()
+    X = torch.randn(6, 2, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (6, 5))
+    y[0, :2] = -100
+    _assert_unbiased_block_traces(hesse.GGN(model, nn.CrossEntropyLoss(), [(X[:4], y[:4]), (X[4:], y[4:])]))
+
+
+def test_per_layer_samples_the_ggn_and_meets_rtol_against_dense_block_traces():
+    X, y = _classification(200)
+    op = hesse.GGN(_mlp(3), nn.CrossEntropyLoss(), uneven_batches(X, y, [64, 64, 64, 8]))
+    C = _dense(op)
+    res = per_layer(op, rtol=0.05, trace_probes=20000, max_steps=30, progress=False)
+    for name, s in op.module_blocks().items():
+        exact = float(torch.trace(C[s, s]))
+        assert res.trace_method[name] == "sampled square root"
+        assert res.rtol_met[name], name
+        assert abs(res.trace[name] - exact) <= 4 * res.trace_stderr[name], (name, res.trace[name], exact)
+    assert res.trace_matvecs <= 20000 and res.matvecs >= res.trace_matvecs
+    forced = per_layer(op, rtol=0.05, trace_probes=200, max_steps=30, progress=False, trace_method="hutch++")
+    assert all(m != "sampled square root" for m in forced.trace_method.values())
+
+
+def test_sampled_traces_stop_at_rtol_in_few_passes_and_are_reproducible():
+    X, y = _classification(200)
+    op = hesse.GGN(_mlp(3), nn.CrossEntropyLoss(), [(X, y)])
+    D = op.block_diagonal()
+    runs = []
+    for _ in range(2):
+        traces = SampledBlockTraces(D.square_root_sampler(), D.blocks, 0.05, 100_000, seed=4)
+        traces.run()
+        runs.append(traces)
+    first = runs[0].results()
+    assert runs[0].finished() and runs[0].passes <= 4, runs[0].passes
+    assert {n: r.estimate for n, r in first.items()} == {n: r.estimate for n, r in runs[1].results().items()}
+    assert all(2 * r.stderr <= 0.05 * r.estimate for r in first.values())
+
+
+def test_a_budget_too_small_is_reported_not_hidden():
+    X, y = _classification(200)
+    op = hesse.GGN(_mlp(3), nn.CrossEntropyLoss(), [(X, y)])
+    with pytest.warns(hesse.NotConvergedWarning, match="shared by all blocks"):
+        res = per_layer(op, rtol=1e-4, trace_probes=40, max_steps=5, progress=False)
+    assert res.trace_matvecs == 40 and not any(res.rtol_met.values())
+
+
+def test_sampled_is_refused_where_there_is_no_square_root():
+    X, y = _classification()
+    hessian = hesse.Hessian(_mlp(3), nn.CrossEntropyLoss(), [(X, y)])
+    with pytest.raises(HesseError, match="hutch"):
+        per_layer(hessian, trace_method="sampled", progress=False)
+    with pytest.raises(HesseError, match="trace_method must be one of"):
+        per_layer(hessian, trace_method="exact", progress=False)
+    custom = hesse.GGN(_mlp(3), lambda out, t: nn.functional.cross_entropy(out, t), [(X, y)])
+    assert custom.square_root_sampler() is None  # any criterion: Hutch++ per block
+    res = per_layer(custom, rtol=0.5, trace_probes=30, max_steps=3, progress=False)
+    assert all(m.startswith(("hutch", "exact")) for m in res.trace_method.values())
+
+
+def test_interrupted_sampling_keeps_the_finished_columns():
+    X, y = _classification(200)
+    op = hesse.GGN(_mlp(3), nn.CrossEntropyLoss(), [(X, y)])
+    calls = []
+    real = op.sample_square_root
+
+    def stop_on_second_pass(columns, seed):
+        calls.append(columns)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(columns, seed)
+
+    op.sample_square_root = stop_on_second_pass
+    op.square_root_sampler = lambda: stop_on_second_pass
+    res = per_layer(op, rtol=1e-3, progress=False, on_interrupt="return")
+    assert res.interrupted and res.trace_matvecs == calls[0]
+    assert all(r > 0 for r in res.trace.values())
+
+
+def test_quantization_sensitivities_of_the_ggn_sample_by_default():
+    X, y = _classification(200)
+    model = _mlp(3)
+    sens = sensitivities(model, nn.CrossEntropyLoss(), [(X, y)], curvature="ggn", rtol=0.1, trace_probes=5000,
+                         top_eigenvalues=False, progress=False)
+    assert (sens.trace > 0).all() and not sens.negative.any()
+    assert set(sens.result.trace_method.values()) == {"sampled square root"}
