@@ -1,4 +1,4 @@
-"""Hessian-aware mixed precision on the 36 linear layers of all-MiniLM-L6-v2 (Q-BERT's setting),
+"""Curvature-aware (HAWQ-V2) mixed precision on the 36 linear layers of all-MiniLM-L6-v2 (Q-BERT's setting),
 measured by retrieval among many candidates on text that installs offline.
 
 Text: the docstrings of the Python standard library (:data:`MODULES`): every documented
@@ -8,12 +8,13 @@ deduplicated; the exact set depends on the Python version, printed with the resu
 :data:`EVAL_PAIRS` of them, drawn once with seed 0, are the evaluation set, the same for
 every seed; each seed draws :data:`CALIBRATION_PAIRS` others for the curvature.
 
-Curvature: the Hessian of the contrastive loss the model was trained with (multiple
-negatives ranking loss, ``hesse.examples.minilm.contrastive_forward``: in-batch negatives,
-temperature 0.05; ``--curvature ggn``: its Gauss-Newton matrix) on the seed's calibration
-pairs in one batch; traces of the 36 diagonal blocks to ``rtol`` 0.1 (at most ``--probes``
-products), no top eigenvalues (HAWQ-V2's Ω needs only traces). Each process peaks at
-6-9 GB of memory: run seeds one after the other on a 24 GB machine.
+Curvature: the Gauss-Newton matrix (GGN) of the contrastive loss the model was trained with
+(multiple negatives ranking loss, ``hesse.examples.minilm.contrastive_forward``: in-batch
+negatives, temperature 0.05) on the seed's calibration pairs in one batch; traces of the 36
+diagonal blocks to ``rtol`` 0.1 from sampled square roots of the GGN (one backward pass per
+column for all 36 blocks, at most ``--probes`` columns), no top eigenvalues (HAWQ-V2's Ω
+needs only traces). ``--curvature hessian``: the Hessian itself, by per-block Hutch++ (one
+Hessian product per block and column: about 40 CPU minutes per seed, 6-11 GB of memory).
 
 Metrics of a quantized model on the evaluation set (the float model's in the header): each
 query retrieves among all :data:`EVAL_PAIRS` passages by cosine similarity: recall@1 and the
@@ -22,9 +23,9 @@ in float), and the mean cosine similarity between the quantized and the float em
 all queries and passages (fidelity, 1 = unchanged). Weights: 3, 4 or 8 bits symmetric per
 output channel (activations float), at 25%, 50%, 75% of the way from all-3-bit to all-8-bit
 size; ``--randoms`` random allocations per budget and seed, the claim compared with the
-median of those at least as large as the Hessian-aware one.
+median of those at least as large as the curvature-aware one.
 
-    python examples/quantize_minilm.py [--seeds 0 1 2] [--randoms 4] [--probes 100] [--curvature hessian]
+    python examples/quantize_minilm.py [--seeds 0 1 2] [--randoms 8] [--probes 3000] [--curvature ggn]
     python examples/quantize_minilm.py --seeds 0 --save s0.json   # one process per seed, then:
     python examples/quantize_minilm.py --merge s0.json s1.json s2.json
 """
@@ -156,7 +157,7 @@ def one_seed(seed: int, randoms: int, probes: int, model: nn.Module, tokenizer, 
     start, cpu = time.perf_counter(), time.process_time()
     sens = sensitivities(curvature, bits=BITS, layers=[LINEAR], curvature=curvature_kind, rtol=0.1,
                          trace_probes=probes, seed=seed, top_eigenvalues=False, hessian_method="double-backward")
-    print(f"seed {seed}: calibration loss {curvature.loss():.4f}; traces {sens.result.matvecs} products, "
+    print(f"seed {seed}: calibration loss {curvature.loss():.4f}; traces {sens.result.matvecs} columns, "
           f"{time.perf_counter() - start:.0f} s wall, {time.process_time() - cpu:.0f} s CPU\n{sens.result.table()}",
           flush=True)
     costs = sens.costs()
@@ -190,7 +191,7 @@ def uniform(model: nn.Module, layers: list[QuantLayer], retrieval: Retrieval) ->
 def summary(runs: list[dict]) -> None:
     """Markdown: per budget, mean ± std over seeds of recall@1 / MRR / fidelity, and per seed
     whether the claim held (MRR and fidelity: higher is better)."""
-    print("| size budget | Hessian bits/weight | Hessian R@1 / MRR / fidelity | median random (size ≥) | reversed | "
+    print("| size budget | HAWQ bits/weight | HAWQ R@1 / MRR / fidelity | median random (size ≥) | reversed | "
           "MRR ≥ median random | MRR > reversed | fidelity ≥ median random | fidelity > reversed |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for fraction in FRACTIONS:
@@ -204,7 +205,7 @@ def summary(runs: list[dict]) -> None:
 
 
 def _wins(hess: list[tuple], other: list[tuple], column: int, loose: bool) -> str:
-    """Seeds where the Hessian-aware value is above (``loose``: at least) the other's, of those
+    """Seeds where the curvature-aware value is above (``loose``: at least) the other's, of those
     where the other exists (no random allocation as large: ``n/a``)."""
     pairs = [(h[column], o[column]) for h, o in zip(hess, other) if not np.isnan(o[column])]
     wins = sum(h > o or (loose and h == o) for h, o in pairs)
@@ -225,10 +226,10 @@ def _ms(rows: list[tuple[float, ...]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--randoms", type=int, default=4)
-    parser.add_argument("--probes", type=int, default=100)
+    parser.add_argument("--randoms", type=int, default=8)
+    parser.add_argument("--probes", type=int, default=3000)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian")
+    parser.add_argument("--curvature", choices=("hessian", "ggn"), default="ggn")
     parser.add_argument("--save", type=Path, help="also write the runs as JSON (one process per seed, then --merge)")
     parser.add_argument("--merge", type=Path, nargs="+", help="only print the summary of runs saved with --save")
     args = parser.parse_args()

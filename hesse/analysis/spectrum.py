@@ -411,7 +411,7 @@ def block_traces(D: BlockDiagonalOperator, method: str, rtol: float, budget: int
                          "nn.MSELoss or nn.BCEWithLogitsLoss; use 'hutch++' for this operator.")
     if sampler is None:
         return BlockTraces(D, rtol, budget, gen)
-    return SampledBlockTraces(sampler, D.blocks, rtol, budget, seed)
+    return SampledBlockTraces(sampler, D.blocks, rtol, budget, seed, D.dtype.itemsize)
 
 
 def _record_traces(traces: dict[str, TraceResult], res: PerLayerResult, products: int) -> None:

@@ -241,6 +241,7 @@ class BlockTraces:
 
 SAMPLED_FIRST_ROUND = 32  # columns of the first data pass of SampledBlockTraces
 SAMPLED_GROWTH = 4  # a later pass draws at most this many times the columns so far
+SAMPLED_PASS_BYTES = 2**30  # a pass draws at most this much of ``W`` (``P x columns`` entries)
 
 
 class SampledBlockTraces:
@@ -251,13 +252,15 @@ class SampledBlockTraces:
     ``sample(columns, seed)`` returns ``[P, columns]`` (one data pass). A pass draws
     :data:`SAMPLED_FIRST_ROUND` columns, then the number the slowest block is predicted to
     need (stderr ``~ 1/sqrt(m)``, 20% margin), at most :data:`SAMPLED_GROWTH` times the
-    columns so far. Same interface as :class:`BlockTraces` (``columns`` = ``matvecs`` = columns drawn).
+    columns so far and at most :data:`SAMPLED_PASS_BYTES` of ``W`` (``itemsize`` bytes per
+    entry: 10.6M MiniLM weights in float32 take 25 columns a pass). Same interface as :class:`BlockTraces` (``columns`` = ``matvecs`` = columns drawn).
     """
 
     def __init__(self, sample: Callable[[int, int], torch.Tensor], blocks: dict[str, slice], rtol: float,
-                 budget: int, seed: int):
+                 budget: int, seed: int, itemsize: int = 8):
         self.sample, self.rtol, self.budget, self.seed = sample, rtol, budget, seed
         self.names, self.slices = list(blocks), list(blocks.values())
+        self.pass_width = max(2, SAMPLED_PASS_BYTES // (max(s.stop for s in self.slices) * itemsize))
         self.squares = torch.zeros(len(self.names), 0, dtype=torch.float64)  # ‖w_b‖² per block and column
         self.columns = self.matvecs = self.passes = 0
 
@@ -287,10 +290,11 @@ class SampledBlockTraces:
             need = self._needed()
             if need == 0:
                 return
-            width = min(max(need - self.columns, 2), self.budget - self.columns,
+            width = min(max(need - self.columns, 2), self.budget - self.columns, self.pass_width,
                         max(SAMPLED_GROWTH * self.columns, SAMPLED_FIRST_ROUND))
-            W = self.sample(width, self.seed + 7919 * self.passes).to(torch.float64)
-            squares = torch.stack([(W[s] ** 2).sum(0) for s in self.slices]).cpu()
+            W = self.sample(width, self.seed + 7919 * self.passes)
+            squares = torch.stack([(W[s].to(torch.float64) ** 2).sum(0) for s in self.slices]).cpu()
+            del W
             self.squares = torch.cat([self.squares, squares], 1)
             self.columns += width
             self.matvecs, self.passes = self.columns, self.passes + 1

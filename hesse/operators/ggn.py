@@ -62,15 +62,15 @@ class OutputSpaceCurvature(CurvatureOperator):
 
         def per_batch(batch: Batch, index: int, weight: float) -> torch.Tensor:
             generator = torch.Generator(device=self.device).manual_seed(batch_seed(seed + 1_000_033, index))
-            rows = []
+            W = torch.empty(self.shape[0], columns, dtype=self.dtype, device=self.device)
             with torch.enable_grad():
                 output, vjp_fn, target = torch.func.vjp(
                     lambda p: self._model_output(p, batch), self.objective.values(), has_aux=True)
-                Z = self._output_roots(output.detach(), target, columns, generator, index)
+                Z = self._output_roots(output.detach(), target, columns, generator, index) * weight ** 0.5
                 for lo in range(0, columns, width):
-                    W = _batched(lambda u: vjp_fn(u)[0], Z[lo:lo + width])
-                    rows.append(torch.cat([W[n].reshape(W[n].shape[0], -1) for n in names], dim=1))
-            return torch.cat(rows).T * weight ** 0.5
+                    chunk = _batched(lambda u: vjp_fn(u)[0], Z[lo:lo + width])
+                    W[:, lo:lo + width] = torch.cat([chunk[n].reshape(chunk[n].shape[0], -1) for n in names], 1).T
+            return W
 
         total, count = self.objective.sum_over_data(per_batch, desc=f"{type(self).__name__} square root @ {columns}")
         return (total / count ** 0.5 if self.objective.reduction == "mean" else total).detach()
