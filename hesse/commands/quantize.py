@@ -146,7 +146,8 @@ def _quantize(request: QuantizeRequest) -> None:
                   settings={k: (str(v) if isinstance(v, Path) else v) for k, v in request.__dict__.items()},
                   model=problem.info.get("model"), data=problem.info.get("data"),
                   num_samples=evaluation.num_samples, layers=sens.rows(), curvature_matvecs=sens.result.matvecs,
-                  trace_matvecs=sens.result.trace_matvecs, seconds=timings)
+                  trace_matvecs=sens.result.trace_matvecs, seconds=timings,
+                  trace_methods=sorted(set(sens.result.trace_method.values())))
     files = {REPORT_JSON: json.dumps(report, indent=1, allow_nan=False)}
     if not request.json_only:
         files[INDEX_HTML] = render_quantize_report(report)
@@ -255,6 +256,15 @@ def pareto_plot(report: dict) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _cost_text(report: dict) -> str:
+    """The curvature's cost: products, or square-root columns when the traces were sampled."""
+    methods = ", ".join(report.get("trace_methods") or [])
+    if "sampled" in methods:
+        return (f"traces from {report['trace_matvecs']} sampled square-root columns of the GGN (one backward "
+                f"pass each, for all layers at once), {report['curvature_matvecs']} columns and products in all")
+    return f"{report['curvature_matvecs']} curvature products (traces: {methods or 'none'})"
+
+
 def _size_unit(report: dict) -> tuple[str, float]:
     """KiB for models under 1 MB (the digits CNN), MB otherwise, and the factor from MB."""
     return ("KiB", 1024.0) if report["float"]["size_mb"] < 1 else ("MB", 1.0)
@@ -306,6 +316,7 @@ def render_quantize_report(report: dict) -> str:
 
     full = report["float"]
     unit, factor = _size_unit(report)
+    matrix = "G" if report["settings"].get("curvature") == "ggn" else "H"
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>hesse quantize report</title>"
         "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}td,th{padding:2px 8px;"
@@ -314,9 +325,9 @@ def render_quantize_report(report: dict) -> str:
         f"<h1>Mixed-precision quantization report</h1><p>{html.escape(str(report['model']))}<br>"
         f"{html.escape(str(report['data']))}<br><code>{html.escape(report['command'])}</code></p>"
         f"<p>Float32 model: {_metric_text(full)}, quantized weights {full['size_mb'] * factor:.4g} {unit}. Weights: symmetric "
-        "per-output-channel fake quantization; sensitivity Ω<sub>i</sub>(b) = max(Tr H<sub>ii</sub>, 0)/n<sub>i</sub> "
+        f"per-output-channel fake quantization; sensitivity Ω<sub>i</sub>(b) = max(Tr {matrix}<sub>ii</sub>, 0)/n<sub>i</sub> "
         "· ‖Q<sub>b</sub>(W<sub>i</sub>) − W<sub>i</sub>‖² (HAWQ-V2; qbert: top eigenvalue instead of "
-        f"Tr/n); {report['curvature_matvecs']} curvature products.</p>"
+        f"Tr/n); {_cost_text(report)}.</p>"
         f"<img src='data:image/png;base64,{pareto_plot(report)}' alt='accuracy against size'>"
         f"<h2>Allocations per budget</h2>{_budget_table(report)}"
         f"<h2>Layers</h2>{_layer_table(report)}</body></html>"
