@@ -12,7 +12,7 @@ Curvature: the Gauss-Newton matrix (GGN) of the contrastive loss the model was t
 (multiple negatives ranking loss, ``hesse.examples.minilm.contrastive_forward``: in-batch
 negatives, temperature 0.05) on the seed's calibration pairs in one batch; traces of the 36
 diagonal blocks to ``rtol`` 0.1 from sampled square roots of the GGN (one backward pass per
-column for all 36 blocks, at most ``--probes`` columns), no top eigenvalues (HAWQ-V2's Ω
+column for all 36 blocks, at most ``--probes`` per block, i.e. 36 times that in all), no top eigenvalues (HAWQ-V2's Ω
 needs only traces). ``--curvature hessian``: the Hessian itself, by per-block Hutch++ (one
 Hessian product per block and column: about 40 CPU minutes per seed, 6-11 GB of memory).
 
@@ -25,7 +25,7 @@ output channel (activations float), at 25%, 50%, 75% of the way from all-3-bit t
 size; ``--randoms`` random allocations per budget and seed, the claim compared with the
 median of those at least as large as the curvature-aware one.
 
-    python examples/quantize_minilm.py [--seeds 0 1 2] [--randoms 8] [--probes 3000] [--curvature ggn]
+    python examples/quantize_minilm.py [--seeds 0 1 2] [--randoms 8] [--probes 100] [--curvature ggn]
     python examples/quantize_minilm.py --seeds 0 --save s0.json   # one process per seed, then:
     python examples/quantize_minilm.py --merge s0.json s1.json s2.json
 """
@@ -227,7 +227,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--randoms", type=int, default=8)
-    parser.add_argument("--probes", type=int, default=3000)
+    parser.add_argument("--probes", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--curvature", choices=("hessian", "ggn"), default="ggn")
     parser.add_argument("--save", type=Path, help="also write the runs as JSON (one process per seed, then --merge)")

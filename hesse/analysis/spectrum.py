@@ -337,7 +337,8 @@ def per_layer(
     :class:`NotConvergedWarning`. ``trace_method``: ``"hutch++"`` (the above), ``"sampled"``
     (:class:`~hesse.linalg.block_estimators.SampledBlockTraces`: ``tr(A_bb) = E‖w_b‖²`` from
     columns of a random square root ``A = E[w wᵀ]``, one backward per column for all blocks
-    at once, at most ``trace_probes`` columns in all; GGN and Fisher only) or ``"auto"``
+    at once, at most ``trace_probes`` columns per block, i.e. ``trace_probes * blocks`` in all,
+    the same cost cap; GGN and Fisher only) or ``"auto"``
     (sampled where the operator has a square root, else Hutch++).
 
     Top eigenvalues: Lanczos (:mod:`hesse.linalg.lanczos`) on all blocks simultaneously, one
@@ -411,7 +412,8 @@ def block_traces(D: BlockDiagonalOperator, method: str, rtol: float, budget: int
                          "nn.MSELoss or nn.BCEWithLogitsLoss; use 'hutch++' for this operator.")
     if sampler is None:
         return BlockTraces(D, rtol, budget, gen)
-    return SampledBlockTraces(sampler, D.blocks, rtol, budget, seed, D.dtype.itemsize)
+    # the same cost cap: a square-root column costs at most what one product of one block does
+    return SampledBlockTraces(sampler, D.blocks, rtol, budget * len(D.blocks), seed, D.dtype.itemsize)
 
 
 def _record_traces(traces: dict[str, TraceResult], res: PerLayerResult, products: int) -> None:
@@ -436,7 +438,7 @@ def _warn_unconverged(res: PerLayerResult, tol: float, max_steps: int, trace_pro
 def budget_unit(res: PerLayerResult) -> str:
     """How the ``trace_probes`` budget counts: per block (Hutch++) or shared (sampled)."""
     sampled = any(m.startswith("sampled") for m in res.trace_method.values())
-    return "shared by all blocks" if sampled else "per block"
+    return f"per block ({res.trace_matvecs} square-root columns shared by all blocks)" if sampled else "per block"
 
 def _block_top_eigenvalues(lz: Lanczos, res: PerLayerResult, tol: float, max_steps: int,
                            gen: torch.Generator, bar) -> None:

@@ -122,7 +122,7 @@ def sensitivities(model: torch.nn.Module | Objective, criterion: Any = None, dat
                   rtol: float = 0.02, trace_probes: int = 300, max_steps: int = 60, tol: float = 1e-3,
                   seed: int = 0, hessian_method: str = "auto", progress: bool | None = None,
                   top_eigenvalues: bool = True, trace_method: str = "auto", **settings: Any) -> Sensitivity:
-    """Traces (``rtol``, at most ``trace_probes`` columns per block, or shared when sampled), top eigenvalues (Lanczos to ``tol``,
+    """Traces (``rtol``, at most ``trace_probes`` columns per block), top eigenvalues (Lanczos to ``tol``,
     at most ``max_steps``) and quantization errors of every quantizable layer, for ``bits``.
 
     ``model, criterion, data, **settings`` are those of :class:`~hesse.Objective` (or pass one);
@@ -133,7 +133,7 @@ def sensitivities(model: torch.nn.Module | Objective, criterion: Any = None, dat
     each Lanczos step multiplies every block, as costly as one trace probe per block): the
     top eigenvalues are NaN and the ``"qbert"`` measure is refused. ``trace_method``: as in
     :func:`~hesse.analysis.spectrum.per_layer`; ``"auto"`` samples the GGN's square root (one
-    backward per column for all layers, ``trace_probes`` columns in all) for the supported
+    backward per column for all layers, at most ``trace_probes`` times the layers in all) for the supported
     likelihoods and runs per-block Hutch++ on the Hessian.
     """
     if curvature not in ("hessian", "ggn"):
