@@ -12,7 +12,8 @@ import hesse
 from hesse.analysis.spectrum import per_layer
 from hesse.apply.quantize import sensitivities
 from hesse.errors import HesseError
-from hesse.linalg.block_estimators import SampledBlockTraces
+from hesse.linalg.block_estimators import AutoBlockTraces, BlockTraces, SampledBlockTraces
+from hesse.operators import BlockDiagonalOperator, LinearOperator
 from tests.helpers import uneven_batches
 
 COLUMNS = 4000
@@ -90,7 +91,7 @@ def test_per_layer_samples_the_ggn_and_meets_rtol_against_dense_block_traces():
     X, y = _classification(200)
     op = hesse.GGN(_mlp(3), nn.CrossEntropyLoss(), uneven_batches(X, y, [64, 64, 64, 8]))
     C = _dense(op)
-    res = per_layer(op, rtol=0.05, trace_probes=10000, max_steps=30, progress=False)
+    res = per_layer(op, rtol=0.05, trace_probes=10000, max_steps=30, progress=False, trace_method="sampled")
     for name, s in op.module_blocks().items():
         exact = float(torch.trace(C[s, s]))
         assert res.trace_method[name] == "sampled square root"
@@ -120,7 +121,7 @@ def test_a_budget_too_small_is_reported_not_hidden():
     X, y = _classification(200)
     op = hesse.GGN(_mlp(3), nn.CrossEntropyLoss(), [(X, y)])
     with pytest.warns(hesse.NotConvergedWarning, match="80 square-root columns shared by all blocks"):
-        res = per_layer(op, rtol=1e-4, trace_probes=40, max_steps=5, progress=False)
+        res = per_layer(op, rtol=1e-4, trace_probes=40, max_steps=5, progress=False, trace_method="sampled")
     assert res.trace_matvecs == 40 * 2 and not any(res.rtol_met.values())  # the cap: columns per block
 
 
@@ -151,7 +152,7 @@ def test_interrupted_sampling_keeps_the_finished_columns():
 
     op.sample_square_root = stop_on_second_pass
     op.square_root_sampler = lambda: stop_on_second_pass
-    res = per_layer(op, rtol=1e-3, progress=False, on_interrupt="return")
+    res = per_layer(op, rtol=1e-3, progress=False, on_interrupt="return", trace_method="sampled")
     assert res.interrupted and res.trace_matvecs == calls[0]
     assert all(r > 0 for r in res.trace.values())
 
@@ -160,6 +161,54 @@ def test_quantization_sensitivities_of_the_ggn_sample_by_default():
     X, y = _classification(200)
     model = _mlp(3)
     sens = sensitivities(model, nn.CrossEntropyLoss(), [(X, y)], curvature="ggn", rtol=0.1, trace_probes=5000,
-                         top_eigenvalues=False, progress=False)
+                         top_eigenvalues=False, progress=False, trace_method="sampled")
     assert (sens.trace > 0).all() and not sens.negative.any()
     assert set(sens.result.trace_method.values()) == {"sampled square root"}
+
+
+class FactoredOperator(LinearOperator):
+    """``A = B Bᵀ`` with the square root ``w = B ξ`` (Gaussian ``ξ``): the linalg layer's view of a GGN."""
+
+    symmetric_by_construction = True
+
+    def __init__(self, B: torch.Tensor):
+        self.B, self.shape, self.dtype, self.device = B, (B.shape[0], B.shape[0]), B.dtype, B.device
+
+    def _matmat(self, V):
+        return self.B @ (self.B.T @ V)
+
+    def square_root_sampler(self):
+        def sample(columns, seed):
+            g = torch.Generator().manual_seed(seed)
+            return self.B @ torch.randn(self.B.shape[1], columns, generator=g, dtype=self.B.dtype)
+        return sample
+
+
+def _blocks(sizes):
+    out, start = {}, 0
+    for i, n in enumerate(sizes):
+        out[f"b{i}"], start = slice(start, start + n), start + n
+    return out
+
+
+@pytest.mark.parametrize("spectrum, sizes, expect", [
+    ("flat", [100] * 20, SampledBlockTraces),  # rank 400, many blocks: a few sampled columns serve all
+    ("one outlier", [400, 400], BlockTraces),   # rank 3, one dominant direction, two blocks: Hutch++'s sketch
+])
+def test_auto_picks_the_cheaper_estimator_and_both_agree_with_the_exact_traces(spectrum, sizes, expect):
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(sum(sizes), 400 if spectrum == "flat" else 3, generator=g, dtype=torch.float64)
+    if spectrum == "one outlier":
+        B[:, 1:] *= 0.05
+    D = BlockDiagonalOperator(FactoredOperator(B), _blocks(sizes))
+    res = per_layer(D, rtol=0.05, trace_probes=2000, max_steps=3, progress=False)
+    A = B @ B.T
+    chosen = "sampled square root" if expect is SampledBlockTraces else "hutch++"
+    for name, s in D.blocks.items():
+        exact = float(torch.trace(A[s, s]))
+        assert res.trace_method[name].startswith(chosen), res.trace_method[name]
+        assert abs(res.trace[name] - exact) <= max(4 * res.trace_stderr[name], 1e-9 * exact), (name, res.trace[name], exact)
+    auto = AutoBlockTraces(SampledBlockTraces(D.square_root_sampler(), D.blocks, 0.05, 100_000, seed=0),
+                           lambda: BlockTraces(D, 0.05, 2000, torch.Generator().manual_seed(0)), sizes)
+    auto.run()
+    assert isinstance(auto.chosen, expect) and auto.matvecs >= auto.square_root_columns >= 32

@@ -27,7 +27,7 @@ import torch
 from hesse._progress import progress_bar
 from hesse.errors import HesseError, NotConvergedWarning, check_on_interrupt, interrupted
 from hesse.linalg import DensityResult, EigenResult, TraceResult, density
-from hesse.linalg.block_estimators import CONFIDENCE, BlockTraces, SampledBlockTraces
+from hesse.linalg.block_estimators import CONFIDENCE, AutoBlockTraces, BlockTraces, SampledBlockTraces
 from hesse.linalg.checks import check_positive, prepare_operator
 from hesse.linalg.lanczos import Lanczos, krylov_steps
 from hesse.linalg.probes import gaussian_block
@@ -339,7 +339,9 @@ def per_layer(
     columns of a random square root ``A = E[w wᵀ]``, one backward per column for all blocks
     at once, at most ``trace_probes`` columns per block, i.e. ``trace_probes * blocks`` in all,
     the same cost cap; GGN and Fisher only) or ``"auto"``
-    (sampled where the operator has a square root, else Hutch++).
+    (:class:`~hesse.linalg.block_estimators.AutoBlockTraces`: where the operator has a square
+    root, one sampled pass predicts the columns sampling needs and keeps it if that is no more
+    than the fewest products Hutch++ could spend; else Hutch++).
 
     Top eigenvalues: Lanczos (:mod:`hesse.linalg.lanczos`) on all blocks simultaneously, one
     recurrence per block in that block's rows, so each step is one product of ``D`` (one
@@ -373,7 +375,7 @@ def per_layer(
     lz = Lanczos(D.matmat, D.size, D.dtype, D.device, segments=list(D.blocks.values()), on_breakdown="stop")
 
     def count_products() -> None:  # every column of A: products of the view and of single blocks
-        sampled = traces.matvecs if isinstance(traces, SampledBlockTraces) else 0
+        sampled = getattr(traces, "square_root_columns", 0)  # columns outside the view's products
         res.matvecs = D.parent_products - view_products + sampled + sum(d.matvecs for d in res.densities.values())
 
     with progress_bar(total=trace_probes + max_steps, desc="per-layer", enabled=progress, unit="pass") as bar:
@@ -402,7 +404,7 @@ TRACE_METHODS = ("auto", "hutch++", "sampled")
 
 
 def block_traces(D: BlockDiagonalOperator, method: str, rtol: float, budget: int, seed: int,
-                 gen: torch.Generator) -> BlockTraces | SampledBlockTraces:
+                 gen: torch.Generator) -> BlockTraces | SampledBlockTraces | AutoBlockTraces:
     """The per-block trace estimator ``method`` asks for (see :func:`per_layer`), not yet run."""
     if method not in TRACE_METHODS:
         raise HesseError(f"trace_method must be one of {TRACE_METHODS}, got {method!r}.")
@@ -413,7 +415,10 @@ def block_traces(D: BlockDiagonalOperator, method: str, rtol: float, budget: int
     if sampler is None:
         return BlockTraces(D, rtol, budget, gen)
     # the same cost cap: a square-root column costs at most what one product of one block does
-    return SampledBlockTraces(sampler, D.blocks, rtol, budget * len(D.blocks), seed, D.dtype.itemsize)
+    sampled = SampledBlockTraces(sampler, D.blocks, rtol, budget * len(D.blocks), seed, D.dtype.itemsize)
+    if method == "sampled":
+        return sampled
+    return AutoBlockTraces(sampled, lambda: BlockTraces(D, rtol, budget, gen), [s.stop - s.start for s in D.blocks.values()])
 
 
 def _record_traces(traces: dict[str, TraceResult], res: PerLayerResult, products: int) -> None:
