@@ -290,19 +290,24 @@ class SampledBlockTraces:
 
     def run(self, on_columns: Callable[[int], None] = lambda n: None) -> None:
         """Passes until every block is within ``rtol`` or the budget is spent."""
-        while self.columns < self.budget:
-            need = self.needed_columns()
-            if need == 0:
-                return
-            width = min(max(need - self.columns, 2), self.budget - self.columns, self.pass_width,
-                        max(SAMPLED_GROWTH * self.columns, SAMPLED_FIRST_ROUND))
-            W = self.sample(width, self.seed + 7919 * self.passes)
-            squares = torch.stack([(W[s].to(torch.float64) ** 2).sum(0) for s in self.slices]).cpu()
-            del W
-            self.squares = torch.cat([self.squares, squares], 1)
-            self.columns += width
-            self.matvecs, self.passes = self.columns, self.passes + 1
-            on_columns(width)
+        while self.step(on_columns):
+            pass
+
+    def step(self, on_columns: Callable[[int], None] = lambda n: None) -> bool:
+        """One data pass of the columns predicted to be needed; False when there is nothing to do."""
+        need = self.needed_columns()
+        if need == 0 or self.columns >= self.budget:
+            return False
+        width = min(max(need - self.columns, 2), self.budget - self.columns, self.pass_width,
+                    max(SAMPLED_GROWTH * self.columns, SAMPLED_FIRST_ROUND))
+        W = self.sample(width, self.seed + 7919 * self.passes)
+        squares = torch.stack([(W[s].to(torch.float64) ** 2).sum(0) for s in self.slices]).cpu()
+        del W
+        self.squares = torch.cat([self.squares, squares], 1)
+        self.columns += width
+        self.matvecs, self.passes = self.columns, self.passes + 1
+        on_columns(width)
+        return True
 
     def results(self, interrupted: bool = False) -> dict[str, TraceResult]:
         """Every block's :class:`~hesse.results.TraceResult` (``matvecs``: square-root columns)."""
@@ -314,7 +319,7 @@ class SampledBlockTraces:
 class AutoBlockTraces:
     """Sampled square roots where they are predicted to be cheaper, per-block Hutch++ otherwise.
 
-    Runs the first pass of :class:`SampledBlockTraces` (:data:`SAMPLED_FIRST_ROUND` columns),
+    Runs the first pass of :class:`SampledBlockTraces` (:data:`SAMPLED_FIRST_ROUND` columns, as it would alone),
     predicts the columns it needs for ``rtol`` and keeps it when that is at most the fewest
     products :class:`BlockTraces` can spend (one Hutch++ round, ``3 ROUND_COLUMNS`` columns, per
     block, or its size if smaller; a square-root column costs at most one product). Otherwise it
@@ -341,10 +346,7 @@ class AutoBlockTraces:
 
     def run(self, on_columns: Callable[[int], None] = lambda n: None) -> None:
         if self.chosen is None:
-            budget = self.sampled.budget
-            self.sampled.budget = min(budget, SAMPLED_FIRST_ROUND)
-            self.sampled.run(on_columns)
-            self.sampled.budget = budget
+            self.sampled.step(on_columns)
             self.chosen = self.sampled if self.sampled.needed_columns() <= self.floor else self.make_hutch()
         self.chosen.run(on_columns)
 
