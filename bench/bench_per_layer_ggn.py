@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--rtol", type=float, default=0.02)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", default=["hutch++", "sampled", "auto"])
     parser.add_argument("--budget", type=int, default=250, help="trace_probes: columns per block (sampled: times the blocks)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,7 +83,7 @@ def main() -> None:
         exact = exact_block_traces(task)
         print(f"<!-- {name}: exact block traces in {time.perf_counter() - started:.1f} s -->", flush=True)
         gradient = task.gradient_time()
-        for method in ("hutch++", "sampled", "auto"):
+        for method in args.methods:
             runs = [run(task, method, args.rtol, seed, args.budget) for seed in range(args.seeds)]
             worst = max(abs(r["trace"][b] - exact[b]) / abs(exact[b]) for r in runs for b in exact)
             mean = lambda key: sum(r[key] for r in runs) / len(runs)  # noqa: E731

@@ -340,8 +340,8 @@ def per_layer(
     at once, at most ``trace_probes`` columns per block, i.e. ``trace_probes * blocks`` in all,
     the same cost cap; GGN and Fisher only) or ``"auto"``
     (:class:`~hesse.linalg.block_estimators.AutoBlockTraces`: where the operator has a square
-    root, one sampled pass predicts the columns sampling needs and keeps it if that is no more
-    than the fewest products Hutch++ could spend; else Hutch++).
+    root, one sampled pass predicts the columns each block needs; sampling goes on for the
+    blocks where that is cheaper than Hutch++'s fewest products, Hutch++ takes the rest).
 
     Top eigenvalues: Lanczos (:mod:`hesse.linalg.lanczos`) on all blocks simultaneously, one
     recurrence per block in that block's rows, so each step is one product of ``D`` (one
@@ -418,7 +418,8 @@ def block_traces(D: BlockDiagonalOperator, method: str, rtol: float, budget: int
     sampled = SampledBlockTraces(sampler, D.blocks, rtol, budget * len(D.blocks), seed, D.dtype.itemsize)
     if method == "sampled":
         return sampled
-    return AutoBlockTraces(sampled, lambda: BlockTraces(D, rtol, budget, gen), [s.stop - s.start for s in D.blocks.values()])
+    return AutoBlockTraces(sampled, lambda only: BlockTraces(D, rtol, budget, gen, only),
+                           [s.stop - s.start for s in D.blocks.values()])
 
 
 def _record_traces(traces: dict[str, TraceResult], res: PerLayerResult, products: int) -> None:

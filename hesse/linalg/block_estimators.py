@@ -81,6 +81,7 @@ class _Block:
         self.Y = empty  # sketch products waiting to be orthonormalised and multiplied
         self.order: torch.Tensor | None = None  # exact: identity columns in this random order
         self.diag = torch.zeros(0, dtype=torch.float64)  # exact: diagonal entries found so far
+        self.skipped = False  # another estimator's block: never multiplied, always done
 
     @property
     def exact(self) -> bool:
@@ -90,7 +91,7 @@ class _Block:
         self.order, self.diag = torch.randperm(self.n, generator=gen), torch.zeros(0, dtype=torch.float64)
 
     def sketch_room(self) -> int:
-        return 0 if self.exact else self.n - self.Q.shape[1]
+        return 0 if self.exact or self.skipped else self.n - self.Q.shape[1]
 
     def identity_columns(self, width: int) -> torch.Tensor:
         """The next ``<= width`` identity columns of an exact block, ``[n, w]``."""
@@ -124,6 +125,8 @@ class _Block:
     def done(self, rtol: float) -> bool:
         """Exact and finished, or ``MIN_ROUNDS`` rounds of tests and ``t_{m-1} stderr <= rtol |trace|``
         (:func:`confidence_factor`; ``t`` is at least 2 for the sample sizes used here)."""
+        if self.skipped:
+            return True
         est, err, _ = self.estimate()
         if self.exact or self.sketch_room() == 0:
             return err == 0
@@ -136,20 +139,23 @@ class BlockTraces:
     a :class:`~hesse.operators.BlockDiagonalOperator`), all blocks sharing each product.
 
     ``rtol``: stop when every block has ``t stderr <= rtol |trace|``; ``budget``: at most
-    this many columns of the view (``columns``) for any block. ``matvecs`` counts products
+    this many columns of the view (``columns``) for any block; ``only``: estimate these
+    blocks alone (the others are never multiplied). ``matvecs`` counts products
     of the parent operator: a column of the view costs one per block it is nonzero on. :meth:`run` does the work; :meth:`results` reads
     the estimates at any time (also after Ctrl-C). See the module docstring for the method.
     """
 
-    def __init__(self, op: LinearOperator, rtol: float, budget: int, generator: torch.Generator):
+    def __init__(self, op: LinearOperator, rtol: float, budget: int, generator: torch.Generator,
+                 only: set[str] | None = None):
         self.op, self.rtol, self.budget, self.gen = op, rtol, budget, generator
         self.names = list(op.blocks)
         self.slices = [op.blocks[n] for n in self.names]
         self.blocks = [_Block(s.stop - s.start, op.device) for s in self.slices]
         self.columns, self.matvecs = 0, 0
         shortest = min(budget, EXACT_BELOW)
-        for block in self.blocks:
-            if block.n <= shortest:
+        for name, block in zip(self.names, self.blocks):
+            block.skipped = only is not None and name not in only
+            if block.n <= shortest and not block.skipped:
                 block.start_exact(generator)
 
     def finished(self) -> bool:
@@ -263,6 +269,7 @@ class SampledBlockTraces:
         self.pass_width = max(2, SAMPLED_PASS_BYTES // (max(s.stop for s in self.slices) * itemsize))
         self.squares = torch.zeros(len(self.names), 0, dtype=torch.float64)  # ‖w_b‖² per block and column
         self.columns = self.matvecs = self.passes = 0
+        self.active = torch.ones(len(self.names), dtype=torch.bool)  # the blocks whose rtol stops it
 
     @property
     def square_root_columns(self) -> int:
@@ -274,16 +281,20 @@ class SampledBlockTraces:
         err = self.squares.std(1) / math.sqrt(m) if m > 1 else torch.full_like(mean, math.inf)
         return mean, err
 
-    def needed_columns(self) -> int:
-        """Columns in total the slowest block is predicted to need (0 when every block is done)."""
+    def block_needs(self) -> torch.Tensor:
+        """Columns in total each block is predicted to need (0 when done): ``m (t stderr / (rtol
+        trace))²`` with a 20% margin, stderr ``~ 1/sqrt(m)``."""
         m = self.squares.shape[1]
         if m < 2:
-            return SAMPLED_FIRST_ROUND
+            return torch.full((len(self.names),), SAMPLED_FIRST_ROUND)
         mean, err = self._estimates()
         ratio = confidence_factor(m) * err / (self.rtol * mean.abs())
         ratio = torch.where(err == 0, torch.zeros_like(ratio), ratio)  # zero blocks (and exact zeros) are done
-        worst = float(ratio.max())
-        return 0 if worst <= 1 else math.ceil(1.2 * m * worst**2)
+        return torch.where(ratio <= 1, 0, torch.ceil(1.2 * m * ratio**2)).long()
+
+    def needed_columns(self) -> int:
+        """Columns in total the slowest active block is predicted to need (0 when all are done)."""
+        return int(self.block_needs()[self.active].max()) if bool(self.active.any()) else 0
 
     def finished(self) -> bool:
         return self.needed_columns() == 0
@@ -317,41 +328,58 @@ class SampledBlockTraces:
 
 
 class AutoBlockTraces:
-    """Sampled square roots where they are predicted to be cheaper, per-block Hutch++ otherwise.
+    """Sampled square roots for the blocks where they are predicted to be cheaper, per-block
+    Hutch++ for the rest.
 
-    Runs the first pass of :class:`SampledBlockTraces` (:data:`SAMPLED_FIRST_ROUND` columns, as it would alone),
-    predicts the columns it needs for ``rtol`` and keeps it when that is at most the fewest
-    products :class:`BlockTraces` can spend (one Hutch++ round, ``3 ROUND_COLUMNS`` columns, per
-    block, or its size if smaller; a square-root column costs at most one product). Otherwise it
-    switches to :class:`BlockTraces` (Hutch++ exploits a decaying spectrum that plain sampling
-    cannot). Measured on the GGN (``bench/bench_per_layer_ggn.py``): MiniLM's 36 layers need
-    48-96 columns against at least 1,080 products; the digits CNN's 4 blocks need thousands
-    against 280 products of Hutch++. ``matvecs`` counts both estimators' columns.
+    Runs the first pass of :class:`SampledBlockTraces` (as it would alone), which predicts for
+    each block ``b`` the columns ``k_b`` it needs for ``rtol``. Sampling on to ``K`` columns
+    finishes the blocks with ``k_b <= K``; Hutch++ (:class:`BlockTraces`, ``only`` the others)
+    costs each of the others at least ``f_b`` products: one round, ``3 ROUND_COLUMNS``, or ``n_b``
+    for a block it computes exactly (at most :data:`EXACT_BELOW` entries). ``K`` minimises
+    ``K + Σ_{k_b > K} f_b`` (a square-root column costs at most one product). Sampling covers many
+    blocks with one backward; Hutch++ wins on a block whose spectrum decays (its sketch takes the
+    top) and on small blocks. ``matvecs`` counts both estimators' columns.
     """
 
-    def __init__(self, sampled: SampledBlockTraces, hutch: Callable[[], BlockTraces], sizes: list[int]):
-        self.sampled, self.make_hutch, self.chosen = sampled, hutch, None
-        self.floor = sum(min(n, 3 * ROUND_COLUMNS) for n in sizes)
+    def __init__(self, sampled: SampledBlockTraces, hutch: Callable[[set[str]], BlockTraces], sizes: list[int]):
+        self.sampled, self.make_hutch, self.hutch = sampled, hutch, None
+        self.floors = torch.tensor([n if n <= EXACT_BELOW else min(n, 3 * ROUND_COLUMNS) for n in sizes])
+        self.decided = False
 
     @property
     def matvecs(self) -> int:
-        return self.sampled.matvecs + (self.chosen.matvecs if isinstance(self.chosen, BlockTraces) else 0)
+        return self.sampled.matvecs + (self.hutch.matvecs if self.hutch is not None else 0)
 
     @property
     def square_root_columns(self) -> int:
         return self.sampled.columns
 
     def finished(self) -> bool:
-        return self.chosen is not None and self.chosen.finished()
+        return self.decided and self.sampled.needed_columns() == 0 and (self.hutch is None or self.hutch.finished())
 
     def run(self, on_columns: Callable[[int], None] = lambda n: None) -> None:
-        if self.chosen is None:
+        if not self.decided:
             self.sampled.step(on_columns)
-            self.chosen = self.sampled if self.sampled.needed_columns() <= self.floor else self.make_hutch()
-        self.chosen.run(on_columns)
+            self._split()
+        if self.hutch is not None:
+            self.hutch.run(on_columns)
+        self.sampled.run(on_columns)
+
+    def _split(self) -> None:
+        """Choose ``K`` (see the class docstring) and hand the blocks with ``k_b > K`` to Hutch++."""
+        needs = self.sampled.block_needs()
+        cost = {int(K): int(K) + int(self.floors[needs > K].sum()) for K in [self.sampled.columns, *needs.tolist()]}
+        K = min(cost, key=lambda k: (cost[k], -k))
+        handed = needs > K
+        self.sampled.active = ~handed
+        if bool(handed.any()):
+            self.hutch = self.make_hutch({n for n, h in zip(self.sampled.names, handed.tolist()) if h})
+        self.decided = True
 
     def results(self, interrupted: bool = False) -> dict[str, TraceResult]:
-        found = (self.chosen or self.sampled).results(interrupted)
-        if isinstance(self.chosen, BlockTraces):  # the sampling pass counts too
-            found = {n: TraceResult(r.estimate, r.stderr, self.matvecs, r.method, r.interrupted) for n, r in found.items()}
-        return found
+        """Each block's estimate from the estimator that owns it (``matvecs``: both estimators' columns)."""
+        found = self.sampled.results(interrupted)
+        if self.hutch is not None:
+            hutch = self.hutch.results(interrupted)
+            found.update({n: hutch[n] for n, mine in zip(self.sampled.names, self.sampled.active.tolist()) if not mine})
+        return {n: TraceResult(r.estimate, r.stderr, self.matvecs, r.method, r.interrupted) for n, r in found.items()}
