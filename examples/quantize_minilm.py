@@ -156,7 +156,8 @@ def one_seed(seed: int, randoms: int, probes: int, model: nn.Module, tokenizer, 
                           forward=contrastive_forward, params=[LINEAR])
     start, cpu = time.perf_counter(), time.process_time()
     sens = sensitivities(curvature, bits=BITS, layers=[LINEAR], curvature=curvature_kind, rtol=0.1,
-                         trace_probes=probes, seed=seed, top_eigenvalues=False, hessian_method="double-backward")
+                         trace_probes=probes, seed=seed, top_eigenvalues=False, hessian_method="double-backward",
+                         trace_method="sampled" if curvature_kind == "ggn" else "hutch++")
     print(f"seed {seed}: calibration loss {curvature.loss():.4f}; traces {sens.result.matvecs} columns, "
           f"{time.perf_counter() - start:.0f} s wall, {time.process_time() - cpu:.0f} s CPU\n{sens.result.table()}",
           flush=True)

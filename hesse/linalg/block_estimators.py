@@ -247,6 +247,7 @@ class BlockTraces:
 
 SAMPLED_FIRST_ROUND = 32  # columns of the first data pass of SampledBlockTraces
 SAMPLED_GROWTH = 4  # a later pass draws at most this many times the columns so far
+SAMPLED_COLUMN_COST = 0.5  # a square-root column against a curvature product (bench: 0.36-0.6)
 SAMPLED_PASS_BYTES = 2**30  # a pass draws at most this much of ``W`` (``P x columns`` entries)
 
 
@@ -336,7 +337,8 @@ class AutoBlockTraces:
     finishes the blocks with ``k_b <= K``; Hutch++ (:class:`BlockTraces`, ``only`` the others)
     costs each of the others at least ``f_b`` products: one round, ``3 ROUND_COLUMNS``, or ``n_b``
     for a block it computes exactly (at most :data:`EXACT_BELOW` entries). ``K`` minimises
-    ``K + Σ_{k_b > K} f_b`` (a square-root column costs at most one product). Sampling covers many
+    ``c K + Σ_{k_b > K} f_b`` with ``c`` = :data:`SAMPLED_COLUMN_COST` (one backward against a
+    product's forward-mode and backward work; measured 0.36-0.6 on the bench's GGNs). Sampling covers many
     blocks with one backward; Hutch++ wins on a block whose spectrum decays (its sketch takes the
     top) and on small blocks. ``matvecs`` counts both estimators' columns.
     """
@@ -368,7 +370,8 @@ class AutoBlockTraces:
     def _split(self) -> None:
         """Choose ``K`` (see the class docstring) and hand the blocks with ``k_b > K`` to Hutch++."""
         needs = self.sampled.block_needs()
-        cost = {int(K): int(K) + int(self.floors[needs > K].sum()) for K in [self.sampled.columns, *needs.tolist()]}
+        cost = {int(K): SAMPLED_COLUMN_COST * int(K) + int(self.floors[needs > K].sum())
+                for K in [self.sampled.columns, *needs.tolist()]}
         K = min(cost, key=lambda k: (cost[k], -k))
         handed = needs > K
         self.sampled.active = ~handed
