@@ -241,7 +241,7 @@ def pareto_plot(report: dict) -> str:
     ax.plot(*zip(*(point(b["reversed"]) for b in budgets)), "v", ms=10, color="tab:red",
             label="reversed sensitivity", zorder=3)
     ax.plot(*zip(*sorted(point(b["hessian"]) for b in budgets)), "o-", ms=6, color="tab:green",
-            label=f"Hessian-aware ({report['measure']})", zorder=4)
+            label=f"{_aware(report)} ({report['measure']})", zorder=4)
     randoms = [point(r) for b in budgets for r in b["random"]]
     if randoms:
         ax.scatter(*zip(*randoms), marker="x", s=30, color="black", alpha=0.6, zorder=5,
@@ -256,13 +256,19 @@ def pareto_plot(report: dict) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _aware(report: dict) -> str:
+    """``Hessian-aware`` or ``GGN-aware``: the curvature the allocation used."""
+    return "GGN-aware" if report["settings"].get("curvature") == "ggn" else "Hessian-aware"
+
+
 def _cost_text(report: dict) -> str:
-    """The curvature's cost: products, or square-root columns when the traces were sampled."""
-    methods = ", ".join(report.get("trace_methods") or [])
-    if "sampled" in methods:
-        return (f"traces from {report['trace_matvecs']} sampled square-root columns of the GGN (one backward "
-                f"pass each, for all layers at once), {report['curvature_matvecs']} columns and products in all")
-    return f"{report['curvature_matvecs']} curvature products (traces: {methods or 'none'})"
+    """What the traces cost and which estimators made them."""
+    methods = report.get("trace_methods") or []
+    text = f"traces from {report['trace_matvecs']} columns ({', '.join(methods) or 'none'})"
+    if any(m.startswith("sampled") for m in methods):
+        text += ("; a sampled square-root column of the GGN is one backward pass for all layers at once, "
+                 "a Hutch++ column one GGN product of one layer")
+    return text + f"; {report['curvature_matvecs']} curvature columns in all"
 
 
 def _size_unit(report: dict) -> tuple[str, float]:
@@ -306,7 +312,8 @@ def _budget_table(report: dict) -> str:
                     f"<td>{_cell(b['hessian'][metric])}</td><td>{b['reversed']['size_mb'] * factor:.4g}</td>"
                     f"<td>{_cell(b['reversed'][metric])}</td><td>{median}</td>"
                     f"<td>{sizes}</td></tr>")
-    return (f"<table><tr><th>budget</th><th>Hessian {unit}</th><th>Hessian {metric}</th><th>reversed {unit}</th>"
+    aware = _aware(report).split("-")[0]
+    return (f"<table><tr><th>budget</th><th>{aware} {unit}</th><th>{aware} {metric}</th><th>reversed {unit}</th>"
             f"<th>reversed {metric}</th><th>median random {metric}</th><th>random {unit}</th></tr>{''.join(rows)}</table>")
 
 
