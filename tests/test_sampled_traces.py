@@ -78,6 +78,13 @@ def test_mse_and_bce_square_roots_have_the_loss_scale(reduction):
     _assert_unbiased_block_traces(hesse.GGN(_mlp(2), nn.BCEWithLogitsLoss(reduction=reduction), [(X, labels)]))
 
 
+def test_cross_entropy_with_probability_targets():
+    X, y = _classification()
+    soft = torch.softmax(torch.randn(len(y), 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64), 1)
+    soft[:5] *= 1.5  # unnormalised rows scale the loss Hessian by their sum
+    _assert_unbiased_block_traces(hesse.GGN(_mlp(3), nn.CrossEntropyLoss(), uneven_batches(X, soft, [20, 17])))
+
+
 def test_spatial_cross_entropy_with_ignored_targets():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv1d(3, 4, 1)).double()

@@ -77,14 +77,19 @@ def random_root(criterion, reduction: str, kind: str, output: torch.Tensor, targ
     * ``"mc"``: ``z = √(s/m) Σ_j ε_j ĝ_j`` over the operator's own ``m`` sampled gradients
       (drawn from ``labels``, seeded as the operator's products are).
     """
-    scale, mask = scale_and_mask(criterion, reduction, output, target)
+    cross_entropy = isinstance(criterion, nn.CrossEntropyLoss)
+    if cross_entropy and kind == "true" and target.dtype.is_floating_point:
+        # probability targets (the GGN's case; the Fisher refuses them): ∇²_f ℓ = (Σ_c t_c)(diag p - p pᵀ)
+        scale = 1.0 if reduction == "sum" else output.shape[1] / output.numel()
+        mask = target.sum(dim=1, keepdim=True).clamp(min=0).sqrt()
+    else:
+        scale, mask = scale_and_mask(criterion, reduction, output, target)
     root = torch.sqrt(torch.as_tensor(scale, dtype=output.dtype, device=output.device)) * mask
 
     def signs(shape) -> torch.Tensor:
         draws = torch.randint(0, 2, (columns, *shape), generator=generator, device=output.device)
         return (2 * draws - 1).to(output.dtype)
 
-    cross_entropy = isinstance(criterion, nn.CrossEntropyLoss)
     if kind == "empirical":  # the empirical Fisher's terms are whole samples
         sample = (output.shape[0], *[1] * (output.ndim - 1))
         return root * signs(sample) * observed_gradient(criterion, output, target)
