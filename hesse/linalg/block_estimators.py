@@ -260,7 +260,8 @@ class SampledBlockTraces:
     :data:`SAMPLED_FIRST_ROUND` columns, then the number the slowest block is predicted to
     need (stderr ``~ 1/sqrt(m)``, 20% margin), at most :data:`SAMPLED_GROWTH` times the
     columns so far and at most :data:`SAMPLED_PASS_BYTES` of ``W`` (``itemsize`` bytes per
-    entry: 10.6M MiniLM weights in float32 take 25 columns a pass). Same interface as :class:`BlockTraces` (``columns`` = ``matvecs`` = columns drawn).
+    entry: 10.6M MiniLM weights in float32 take 25 columns a pass). Same interface as
+    :class:`BlockTraces` (``columns`` = ``matvecs`` = columns drawn).
     """
 
     def __init__(self, sample: Callable[[int, int], torch.Tensor], blocks: dict[str, slice], rtol: float,
@@ -338,9 +339,9 @@ class AutoBlockTraces:
     costs each of the others at least ``f_b`` products: one round, ``3 ROUND_COLUMNS``, or ``n_b``
     for a block it computes exactly (at most :data:`EXACT_BELOW` entries). ``K`` minimises
     ``c K + Σ_{k_b > K} f_b`` with ``c`` = :data:`SAMPLED_COLUMN_COST` (one backward against a
-    product's forward-mode and backward work; measured 0.36-0.6 on the bench's GGNs). Sampling covers many
-    blocks with one backward; Hutch++ wins on a block whose spectrum decays (its sketch takes the
-    top) and on small blocks. ``matvecs`` counts both estimators' columns.
+    product's forward-mode and backward work; measured 0.36-0.6 on the bench's GGNs). Sampling
+    covers many blocks with one backward; Hutch++ wins on a block whose spectrum decays (its
+    sketch takes the top) and on small blocks. ``matvecs`` counts both estimators' columns.
     """
 
     def __init__(self, sampled: SampledBlockTraces, hutch: Callable[[set[str]], BlockTraces], sizes: list[int]):
