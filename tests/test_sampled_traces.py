@@ -242,3 +242,35 @@ def test_auto_splits_blocks_between_sampling_and_hutch_plus_plus():
         exact = float(torch.trace(A[s, s]))
         assert abs(res.trace[name] - exact) <= max(4 * res.trace_stderr[name], 1e-9 * exact), (name, res.trace[name], exact)
     assert res.trace_matvecs < 300  # measured: 110; all sampled 3,743, all Hutch++ 530
+
+
+def test_block_diagonal_products_split_a_wide_stack_into_several_parent_calls(monkeypatch):
+    """Above STACK_BYTES the side-by-side block columns go to the parent in groups: same result."""
+    import hesse.operators.linear as linear
+
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    A = A + A.T
+    calls = []
+
+    class Counting(LinearOperator):
+        symmetric_by_construction = True
+        shape, dtype, device = (30, 30), torch.float64, torch.device("cpu")
+
+        def _matmat(self, V):
+            calls.append(V.shape[1])
+            return A @ V
+
+    D = BlockDiagonalOperator(Counting(), _blocks([10, 5, 15]))
+    V = torch.randn(30, 7, generator=g, dtype=torch.float64)
+    V[10:15, 3] = 0  # a column idle on one block costs nothing
+    whole = D.matmat(V)
+    monkeypatch.setattr(linear, "STACK_BYTES", 4 * 30 * 8)  # four columns per call
+    split = D.matmat(V)
+    assert torch.allclose(whole, split) and calls[0] == 20 and calls[1:] == [4, 4, 4, 4, 4]
+    dense = torch.zeros_like(A)
+    for s in D.blocks.values():
+        dense[s, s] = A[s, s]
+    expected = dense @ V
+    expected[10:15, 3] = 0
+    assert torch.allclose(split, expected) and D.parent_products == 40

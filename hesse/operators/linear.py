@@ -209,6 +209,9 @@ class BlockView(LinearOperator):
         return self.parent.matmat(full)[self.block]
 
 
+STACK_BYTES = 2**30  # the most one call of a block-diagonal view hands its parent
+
+
 class BlockDiagonalOperator(LinearOperator):
     """The block-diagonal part of an operator: ``diag(A_11, ..., A_BB)``.
 
@@ -251,24 +254,40 @@ class BlockDiagonalOperator(LinearOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         """Each block's nonzero columns, side by side in one call of the parent; columns that
-        are zero on a block (finished or idle blocks of a per-block estimator) cost nothing."""
+        are zero on a block (finished or idle blocks of a per-block estimator) cost nothing.
+        The side-by-side matrix is ``P x (blocks x columns)``: above :data:`STACK_BYTES` it
+        goes to the parent in several calls (for MiniLM's 36 layers and 20 columns each, one
+        call would need 30 GB)."""
         pieces = [(s, torch.nonzero(V[s].abs().sum(0)).flatten()) for s in self._blocks.values()]
-        total = sum(len(cols) for _, cols in pieces)
         out = torch.zeros_like(V)
-        if total == 0:
-            return out
-        stacked = V.new_zeros(self.shape[0], total)
-        start = 0
-        for s, cols in pieces:
-            stacked[s, start:start + len(cols)] = V[s][:, cols]
-            start += len(cols)
-        products = self.parent.matmat(stacked)
-        self.parent_products += total
-        start = 0
-        for s, cols in pieces:
-            out[s, cols] = products[s, start:start + len(cols)]
-            start += len(cols)
+        width = max(1, STACK_BYTES // (self.shape[0] * V.element_size()))
+        for group in _column_groups(pieces, width):
+            stacked = V.new_zeros(self.shape[0], sum(len(cols) for _, cols in group))
+            start = 0
+            for s, cols in group:
+                stacked[s, start:start + len(cols)] = V[s][:, cols]
+                start += len(cols)
+            products = self.parent.matmat(stacked)
+            self.parent_products += stacked.shape[1]
+            start = 0
+            for s, cols in group:
+                out[s, cols] = products[s, start:start + len(cols)]
+                start += len(cols)
         return out
+
+
+def _column_groups(pieces: list[tuple[slice, torch.Tensor]], width: int) -> list[list[tuple[slice, torch.Tensor]]]:
+    """``(block, columns)`` pieces regrouped so that each group has at most ``width`` columns."""
+    groups, current, room = [], [], width
+    for s, cols in pieces:
+        while len(cols):
+            take, cols = cols[:room], cols[room:]
+            current.append((s, take))
+            room -= len(take)
+            if room == 0:
+                groups.append(current)
+                current, room = [], width
+    return groups + ([current] if current else [])
 
 
 def as_operator(obj) -> LinearOperator:
