@@ -274,3 +274,48 @@ def test_block_diagonal_products_split_a_wide_stack_into_several_parent_calls(mo
     expected = dense @ V
     expected[10:15, 3] = 0
     assert torch.allclose(split, expected) and D.parent_products == 40
+
+
+def test_sampled_diagonal_is_the_unbiased_monte_carlo_ggn_diagonal():
+    X, y = _classification(120)
+    op = hesse.GGN(_mlp(3), nn.CrossEntropyLoss(), uneven_batches(X, y, [50, 50, 20]))
+    exact = torch.diagonal(_dense(op))
+    res = hesse.diagonal(op, "sampled", budget=3000, seed=1, progress=False)
+    assert res.method == "sampled square root" and res.matvecs == 3000 and (res.estimate >= 0).all()
+    z = (res.estimate - exact) / res.stderr.clamp(min=1e-12)
+    assert float((z.abs() <= 4).double().mean()) >= 0.99 and abs(float(z.mean())) < 0.3, z
+    assert float((res.estimate - exact).norm() / exact.norm()) < 0.1
+    with pytest.raises(HesseError, match="xdiag"):
+        hesse.diagonal(hesse.Hessian(_mlp(3), nn.CrossEntropyLoss(), [(X, y)]), "sampled")
+    with pytest.raises(HesseError, match="budget >= 2"):
+        hesse.diagonal(op, "sampled", budget=1)
+
+
+def test_sampled_diagonal_keeps_finished_passes_on_interrupt(monkeypatch):
+    import hesse.linalg.estimators as estimators
+
+    X, y = _classification(120)
+    op = hesse.GGN(_mlp(3), nn.CrossEntropyLoss(), [(X, y)])
+    monkeypatch.setattr(estimators, "SAMPLED_PASS_BYTES", 100 * op.shape[0] * 8)  # 100 columns a pass
+    real, calls = op.sample_square_root, []
+
+    def stop_on_third(columns, seed):
+        calls.append(columns)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(columns, seed)
+
+    op.square_root_sampler = lambda: stop_on_third
+    res = hesse.diagonal(op, "sampled", budget=1000, on_interrupt="return", progress=False)
+    assert res.interrupted and res.matvecs == 200 and res.passes == 2 and torch.isfinite(res.estimate).all()
+
+
+def test_obd_with_the_sampled_ggn_diagonal_keeps_nearly_the_exact_diagonal_masks():
+    from hesse.apply import prune_obd
+
+    X, y = _classification(120)
+    model = _mlp(3)
+    exact = prune_obd(model, nn.CrossEntropyLoss(), [(X, y)], sparsity=0.5, method="exact")
+    sampled = prune_obd(model, nn.CrossEntropyLoss(), [(X, y)], sparsity=0.5, method="sampled", budget=4000)
+    for name, mask in exact.masks.items():
+        assert float((mask == sampled.masks[name]).double().mean()) >= 0.9, name

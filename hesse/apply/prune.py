@@ -95,7 +95,8 @@ def prune_obd(model: nn.Module | Objective, criterion: Callable | None = None, d
 
     ``H`` is the diagonal of the ``curvature`` of the full-data loss w.r.t. the pruned tensors:
     ``"ggn"`` (PSD, default) or ``"hessian"`` by :func:`hesse.linalg.diagonal` with ``method``
-    (``"exact"``: one product per weight; ``"xdiag"``/``"hutchinson"``: ``budget`` products), or
+    (``"exact"``: one product per weight; ``"xdiag"``/``"hutchinson"``: ``budget`` products;
+    ``"sampled"``, GGN only: ``budget`` square-root columns, one backward pass each), or
     ``"empirical-fisher"``: ``(1/m) Σ_i g_i²`` exactly, from the per-sample gradients of the first
     ``m = fisher_samples`` samples (as :func:`prune_woodfisher`; no estimator noise, so the
     choice for models with millions of weights, where ``budget`` products cannot resolve a

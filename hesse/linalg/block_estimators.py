@@ -50,7 +50,7 @@ from collections.abc import Callable
 
 import torch
 
-from hesse.linalg.estimators import _mean_stderr
+from hesse.linalg.estimators import SAMPLED_PASS_BYTES, _mean_stderr
 from hesse.linalg.lanczos import orthonormalize_against
 from hesse.linalg.probes import DEFAULT_CHUNK, isotropic_probes
 from hesse.operators import LinearOperator
@@ -248,7 +248,6 @@ class BlockTraces:
 SAMPLED_FIRST_ROUND = 32  # columns of the first data pass of SampledBlockTraces
 SAMPLED_GROWTH = 4  # a later pass draws at most this many times the columns so far
 SAMPLED_COLUMN_COST = 0.5  # a square-root column against a curvature product (bench: 0.36-0.6)
-SAMPLED_PASS_BYTES = 2**30  # a pass draws at most this much of ``W`` (``P x columns`` entries)
 
 
 class SampledBlockTraces:

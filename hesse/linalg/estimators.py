@@ -34,12 +34,13 @@ from hesse.errors import HesseError, check_on_interrupt, interrupted
 from hesse.linalg.checks import check_choice, check_positive, prepare_operator
 from hesse.linalg.lanczos import orthonormalize_against
 from hesse.linalg.probes import DEFAULT_CHUNK, DISTRIBUTIONS, isotropic_probes
-from hesse.operators import LinearOperator
+from hesse.operators import LinearOperator, as_operator
 from hesse.results import DiagonalResult, NormResult, TraceResult
 
 TRACE_METHODS = ("hutch++", "hutchinson", "xtrace")
-DIAG_METHODS = ("hutchinson", "xdiag", "exact")
-MIN_BUDGET = {"hutchinson": 2, "hutch++": 3, "xtrace": 4, "xdiag": 4}
+DIAG_METHODS = ("hutchinson", "xdiag", "exact", "sampled")
+SAMPLED_PASS_BYTES = 2**30  # one pass draws at most this much of a square root ``W`` (``P x columns``)
+MIN_BUDGET = {"hutchinson": 2, "hutch++": 3, "xtrace": 4, "xdiag": 4, "sampled": 2}
 DEFAULT_BUDGET = 99
 RTOL_MAX_BUDGET = 10_000
 DEFAULT_RTOL = 0.01  # trace(op) with no budget: about 1%
@@ -445,12 +446,18 @@ def diagonal(
     ``"xdiag"`` (default): ``diag(Q_i Q_i^T A) + w_i * ((I - Q_i Q_i^T) A w_i)`` averaged over
     the leave-one-out bases ``Q_i``; exact for matrices of rank < budget/2 in the top part.
     ``"exact"``: ``P`` products with identity columns (``budget`` ignored), stderr ``None``.
-    Ctrl-C: Hutchinson on the finished probes, or NaN for unfinished exact entries.
+    ``"sampled"`` (GGN and Fisher, :meth:`hesse.GGN.sample_square_root`): the mean of ``w ⊙ w``
+    over ``budget`` columns of a random square root ``A = E[w wᵀ]``, one backward pass per
+    column instead of a product, unbiased and never negative (the Monte Carlo GGN diagonal).
+    Ctrl-C: Hutchinson on the finished probes (sampled: the finished columns), or NaN for
+    unfinished exact entries.
     """
     check_choice("method", method, DIAG_METHODS)
     _check_common(budget, distribution, chunk_size, on_interrupt)
     budget = budget if budget is not None else DEFAULT_BUDGET
     _check_budget(method, budget)
+    if method == "sampled":
+        return _sampled_diagonal(as_operator(op), budget, seed, progress, on_interrupt)
     op, used = prepare_operator(op, check_symmetric, seed)
     gen = torch.Generator().manual_seed(seed)
     if op.size <= budget:  # P identity columns cost no more than the probes: be exact
@@ -462,6 +469,39 @@ def diagonal(
     }[method]
     total = op.size if method == "exact" else budget
     return _run_guarded(op, used, chunk_size, total, f"diagonal ({method})", progress, on_interrupt, algorithm)
+
+
+def _sampled_diagonal(op: LinearOperator, columns: int, seed: int, progress: bool | None,
+                      on_interrupt: str) -> DiagonalResult:
+    """``mean(w ⊙ w)`` and its per-entry stderr over ``columns`` square-root columns, drawn in
+    passes of at most :data:`SAMPLED_PASS_BYTES`."""
+    sample = op.square_root_sampler()
+    if sample is None:
+        raise HesseError("method='sampled' needs a GGN or Fisher operator with nn.CrossEntropyLoss, nn.MSELoss "
+                         "or nn.BCEWithLogitsLoss (a random square root); use 'xdiag' for this operator.")
+    width = max(1, SAMPLED_PASS_BYTES // (op.size * op.dtype.itemsize))
+    sums = torch.zeros(2, op.size, dtype=torch.float64)  # Σ w², Σ w⁴ per entry
+    state = {"columns": 0, "passes": 0}
+
+    def result(stopped: bool) -> DiagonalResult:
+        m = state["columns"]
+        mean = sums[0] / m if m else torch.full((op.size,), math.nan, dtype=torch.float64)
+        var = (sums[1] / m - mean**2) * m / (m - 1) if m > 1 else torch.full_like(mean, math.inf)
+        label = "sampled square root" + (" (interrupted)" if stopped else "")
+        return DiagonalResult(mean, (var.clamp(min=0) / max(m, 1)).sqrt(), m, label, stopped, state["passes"])
+
+    with progress_bar(total=columns, desc="diagonal (sampled)", enabled=progress, unit="column") as bar:
+        try:
+            while state["columns"] < columns:
+                k = min(width, columns - state["columns"])
+                squares = sample(k, seed + 7919 * state["passes"]).to(torch.float64).cpu() ** 2
+                sums += torch.stack([squares.sum(1), (squares**2).sum(1)])
+                state["columns"] += k
+                state["passes"] += 1
+                bar.update(k)
+        except KeyboardInterrupt as error:
+            return interrupted(error, result(True), on_interrupt, "diagonal")
+    return result(False)
 
 
 def _hutchinson_diagonal_of(Z: torch.Tensor, AZ: torch.Tensor, matvecs: int, method: str, stopped: bool):
