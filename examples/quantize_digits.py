@@ -106,7 +106,7 @@ def budgets(sens: Sensitivity, evaluation: Objective, randoms: int, seed: int) -
     out = {}
     for fraction in FRACTIONS:
         limits = {"size": fraction_limit(costs["size"], fraction)}
-        hessian = allocate_bits(sens.omega(), costs, limits, sens.bits).bits
+        hessian = allocate_bits(sens.omega(), costs, limits, sens.bits, tie_break=sens.tie_break()).bits
         randomized = [random_allocation(sens, costs, limits, 1000 * seed + r).bits for r in range(randoms)]
         out[fraction] = {"hessian": measured(hessian), "bits": hessian,
                          "reversed": measured(reversed_allocation(sens, costs, limits).bits),

@@ -170,7 +170,7 @@ def one_seed(seed: int, randoms: int, probes: int, model: nn.Module, tokenizer, 
     out = {}
     for fraction in FRACTIONS:
         limits = {"size": fraction_limit(costs["size"], fraction)}
-        hessian = allocate_bits(sens.omega(), costs, limits, BITS).bits
+        hessian = allocate_bits(sens.omega(), costs, limits, BITS, tie_break=sens.tie_break()).bits
         out[fraction] = {"hessian": measured(hessian), "bits": hessian, "weights": int(sens.numel.sum()),
                          "reversed": measured(reversed_allocation(sens, costs, limits).bits),
                          "random": [measured(random_allocation(sens, costs, limits, 1000 * seed + r).bits)

@@ -134,26 +134,29 @@ def test_negative_and_insignificant_traces_are_flagged_and_clamped():
     sens.trace[0], sens.trace_stderr[0] = -1.0, 0.1
     sens.trace[5], sens.trace_stderr[5] = 0.1, 0.2
     rows = sens.rows()
-    floor = 1e-3 * sens.trace_per_parameter[sens.trace > 0].min()
-    assert rows[0]["negative"] and rows[0]["significant"]
-    assert rows[0]["omega"]["2"] == pytest.approx(floor * sens.perturbation[0, 0])  # the tie-break, not 0
+    assert rows[0]["negative"] and rows[0]["omega"]["2"] == 0.0 and rows[0]["significant"]
+    assert sens.tie_break()[0, 0] == sens.perturbation[0, 0] and not sens.tie_break()[1:].any()
     assert not rows[5]["negative"] and not rows[5]["significant"] and rows[5]["omega"]["2"] > 0
 
 
 def test_budget_is_spent_on_layers_without_positive_curvature():
-    """At factor 0 a negative-trace layer stayed at the lowest bits with budget left over; the
-    tie-break gives it the bits the curvature-sensitive layers cannot use, and only those."""
+    """Ω = 0 for a negative-trace layer left it at the lowest bits with budget left over; the
+    tie-break (a second integer program) gives it the bits nothing sensitive can use, and only those."""
     model, data = attention_problem()
     sens = sensitivities(model, nn.CrossEntropyLoss(), data, bits=(2, 4, 8), trace_probes=400)
-    sens.trace[:] = np.abs(sens.trace)
+    sens.trace[:] = np.abs(sens.trace) * 1e6  # large factors: a tiny weight would vanish in the solver's tolerance
     sens.trace[0] = -1.0
     costs = sens.costs()
-    everything = allocate_bits(sens.omega(), costs, {"size": costs["size"][:, -1].sum()}, sens.bits)
-    assert everything.bits == [8] * len(sens.layers)  # all budget: every layer at 8 bits
+    everything = {"size": costs["size"][:, -1].sum()}
+    plain = allocate_bits(sens.omega(), costs, everything, sens.bits)
+    tied = allocate_bits(sens.omega(), costs, everything, sens.bits, tie_break=sens.tie_break())
+    assert tied.bits == [8] * len(sens.layers) and tied.objective == pytest.approx(plain.objective)
     tight = fraction_limit(costs["size"], 0.0) + costs["size"][0, -1] - costs["size"][0, 0]
-    others = allocate_bits(sens.omega()[1:], {"size": costs["size"][1:]}, {"size": tight - costs["size"][0, 0]}, sens.bits)
-    chosen = allocate_bits(sens.omega(), costs, {"size": tight}, sens.bits)
-    assert chosen.bits[0] == 2 and chosen.bits[1:] == others.bits  # positive layers first, as without it
+    chosen = allocate_bits(sens.omega(), costs, {"size": tight}, sens.bits, tie_break=sens.tie_break())
+    alone = allocate_bits(sens.omega(), costs, {"size": tight}, sens.bits)
+    assert chosen.bits[0] == 2 and chosen.objective == pytest.approx(alone.objective)  # sensitive layers first
+    with pytest.raises(HesseError, match="tie_break"):
+        allocate_bits(sens.omega(), costs, everything, sens.bits, tie_break=np.zeros((2, 3)))
 
 
 def test_evaluation_uses_a_copy_and_never_touches_the_model(tmp_path):

@@ -53,7 +53,6 @@ __all__ = [
     "fraction_limit", "layer_traces", "quantize_weight", "quantized_copy", "quantized_weights", "random_allocation",
     "reversed_allocation", "sensitivities",
 ]
-TIE_BREAK = 1e-3  # the factor of Ω for layers without positive curvature, relative to the smallest positive one
 MEASURES = ("hawq-v2", "qbert")
 SIGNIFICANCE = 2.0  # a trace is significant when |trace| >= 2 stderr
 
@@ -96,9 +95,15 @@ class Sensitivity:
         return (np.abs(self.trace) >= SIGNIFICANCE * self.trace_stderr) & (self.trace != 0)
 
     def omega(self, measure: str = "hawq-v2") -> np.ndarray:
-        """``[L, len(bits)]``: ``Tr/n · ‖ΔW‖²`` (``"hawq-v2"``) or ``λ_max · ‖ΔW‖²`` (``"qbert"``);
-        a layer whose factor is not positive gets a tie-break factor instead (see :func:`_scale`)."""
+        """``[L, len(bits)]``: ``max(Tr,0)/n · ‖ΔW‖²`` (``"hawq-v2"``) or ``max(λ_max,0) · ‖ΔW‖²`` (``"qbert"``)."""
         return _scale(self, measure)[:, None] * self.perturbation
+
+    def tie_break(self, measure: str = "hawq-v2") -> np.ndarray | None:
+        """``‖ΔW‖²`` of the layers whose ``Ω`` is 0 (no positive curvature), 0 elsewhere: the
+        ``tie_break`` of :func:`allocate_bits`, which then spends budget that no sensitive
+        layer can use on them, largest error first. ``None`` when every layer has curvature."""
+        zero = _scale(self, measure) <= 0
+        return np.where(zero[:, None], self.perturbation, 0.0) if zero.any() else None
 
     def costs(self, act_bits: int | None = None) -> dict[str, np.ndarray]:
         """``{"size": bits, "bops": MACs · b_w · b_a}`` per layer and bit width (see :func:`layer_costs`)."""
@@ -230,20 +235,12 @@ def reversed_allocation(sens: Sensitivity, costs: Mapping[str, np.ndarray], limi
 
 
 def _scale(sens: Sensitivity, measure: str) -> np.ndarray:
-    """The per-layer factor of ``Ω``: trace per parameter or top eigenvalue where positive;
-    :data:`TIE_BREAK` times the smallest positive factor where not (1 if none is positive).
-
-    A layer with no positive curvature would otherwise cost nothing at any bit width, so the
-    integer program would leave it at the lowest bits and budget unspent; with the small
-    factor it spends what the curvature-sensitive layers cannot use on such layers, the ones
-    with the largest quantization error first, and changes nothing else."""
+    """The per-layer factor of ``Ω`` (trace per parameter or top eigenvalue, at least 0)."""
     if measure not in MEASURES:
         raise HesseError(f"measure must be one of {MEASURES}, got {measure!r}.")
     if measure == "qbert" and np.isnan(sens.top_eigenvalue).any():
         raise HesseError("the qbert measure needs the top eigenvalues: sensitivities(..., top_eigenvalues=True).")
-    factor = sens.trace_per_parameter if measure == "hawq-v2" else np.maximum(sens.top_eigenvalue, 0.0)
-    positive = factor[factor > 0]
-    return np.where(factor > 0, factor, TIE_BREAK * positive.min() if positive.size else 1.0)
+    return sens.trace_per_parameter if measure == "hawq-v2" else np.maximum(sens.top_eigenvalue, 0.0)
 
 
 def evaluate_bits(objective: Objective, layers: Sequence[QuantLayer], bits: Sequence[int], *,

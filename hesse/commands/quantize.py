@@ -206,7 +206,8 @@ def _compare(sens: Sensitivity, evaluation: Objective, request: QuantizeRequest)
     for kind, value in request.budgets:
         stage(f"allocating and evaluating at {kind} {value:g}", request.quiet)
         limits = _limits(kind, value, costs)
-        hessian = allocate_bits(sens.omega(request.measure), costs, limits, sens.bits)
+        hessian = allocate_bits(sens.omega(request.measure), costs, limits, sens.bits,
+                                tie_break=sens.tie_break(request.measure))
         budgets.append({
             "budget": f"{kind} {value:g}", "limits": limits, "hessian": entry(hessian.bits, hessian.objective),
             "config": export_config(sens, hessian, measure=request.measure),

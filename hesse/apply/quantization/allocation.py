@@ -47,25 +47,39 @@ def fraction_limit(cost: np.ndarray, fraction: float) -> float:
 
 def allocate_bits(sensitivity: np.ndarray, costs: Mapping[str, np.ndarray], limits: Mapping[str, float],
                   bits: Sequence[int] = (4, 8), same_bits: Iterable[Sequence[int]] = (),
-                  fixed: Mapping[int, int] | None = None) -> Allocation:
+                  fixed: Mapping[int, int] | None = None, tie_break: np.ndarray | None = None) -> Allocation:
     """The bit widths minimising ``Σ_i sensitivity[i, j(i)]`` under ``costs[k] · x ≤ limits[k]``.
 
     ``sensitivity``: ``[L, len(bits)]`` (e.g. HAWQ-V2's ``Ω_i(b)``); ``costs``: ``{name: [L,
     len(bits)]}`` (size in bits, BOPs ``MACs · b_w · b_a``, latency, ...); ``limits``: upper
     bounds on the totals of some of those costs; ``same_bits``: tuples of layer indices that
-    must share one bit width; ``fixed``: ``{layer index: bit width}``. Raises a
-    :class:`HesseError` naming the tightest constraint when no allocation satisfies them all.
+    must share one bit width; ``fixed``: ``{layer index: bit width}``; ``tie_break``: an
+    ``[L, len(bits)]`` second objective, minimised among the allocations with the least
+    ``Σ sensitivity`` (to a relative ``1e-9``): e.g. the quantization error of layers whose
+    sensitivity is 0, so that budget nothing sensitive can use is spent on them (a second
+    integer program: a tiny weight in one objective would fall below the solver's tolerance).
+    Raises a :class:`HesseError` naming the tightest constraint when no allocation satisfies them all.
     """
     S, cost_arrays, fixed = _check_problem(sensitivity, costs, limits, bits, fixed or {})
+    T = None if tie_break is None else _check_problem(tie_break, {}, {}, bits, {})[0]
+    if T is not None and T.shape != S.shape:
+        raise HesseError(f"tie_break has shape {list(T.shape)}, the sensitivity {list(S.shape)}.")
     L, B = S.shape
     structure = _structure(L, B, [tuple(g) for g in same_bits])
     lower = np.zeros(L * B)
     for layer, width in fixed.items():
         lower[layer * B + list(bits).index(width)] = 1.0
     budget = [LinearConstraint(cost_arrays[k].reshape(1, -1), -np.inf, float(limits[k])) for k in limits]
-    solution = _solve(S.reshape(-1), structure + budget, Bounds(lower, np.ones(L * B)))
+    bounds = Bounds(lower, np.ones(L * B))
+    objective = S.reshape(-1) / max(float(np.abs(S).max()), 1e-300)  # O(1) for the solver's tolerances
+    solution = _solve(objective, structure + budget, bounds)
     if solution is None:
         raise HesseError(_infeasible_reason(cost_arrays, limits, structure, lower))
+    if T is not None and np.abs(T).max() > 0:
+        best = float(objective @ solution)
+        keep = LinearConstraint(objective.reshape(1, -1), -np.inf, best + 1e-9 * max(1.0, abs(best)))
+        second = _solve(T.reshape(-1) / float(np.abs(T).max()), structure + budget + [keep], bounds)
+        solution = solution if second is None else second
     choice = solution.reshape(L, B).argmax(1)
     rows = np.arange(L)
     return Allocation([int(bits[j]) for j in choice], float(S[rows, choice].sum()),
@@ -116,7 +130,8 @@ def _structure(L: int, B: int, same_bits: list[tuple[int, ...]]) -> list[LinearC
 
 def _solve(c: np.ndarray, constraints: list[LinearConstraint], bounds: Bounds) -> np.ndarray | None:
     """The optimal binary ``x`` of ``min cᵀx`` (``None`` when infeasible)."""
-    result = milp(c, constraints=constraints, integrality=np.ones(c.size), bounds=bounds)
+    result = milp(c, constraints=constraints, integrality=np.ones(c.size), bounds=bounds,
+                  options={"mip_rel_gap": 1e-9})
     if result.status == 2 or result.x is None:
         return None
     if result.status != 0:
